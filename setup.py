@@ -1,0 +1,29 @@
+"""mlip-ds: MLIP medical vision-language pretraining on DeepSpeed."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mlip-ds",
+    version="0.1.0",
+    description="MLIP (CVPR 2024) chest X-ray / report pretraining with DeepSpeed, WebDataset and open_clip",
+    packages=find_packages(include=["mlip_ds", "mlip_ds.*"]),
+    package_data={"mlip_ds": ["model/configs/*.json", "model/tiny_bert/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed==0.19.8",  # 0.19.7's ZeRO-3 corrupts parameters on CPU/gloo (stack notes)
+        "open_clip_torch==3.3.0",
+        "transformers>=4.40",
+        "tokenizers",
+        "webdataset==1.0.2",
+        "einops",
+        "tensorboard",
+        "safetensors",
+        "scikit-learn",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+)
