@@ -1,0 +1,93 @@
+"""The run configuration: one dataclass tree, turned into command-line flags.
+
+Every field is a flag (``--train-shards``, ``--batch-size`` ...); DeepSpeed's JSON config keeps its
+own keys, and the ones set to "auto" there are filled from these values (see ``ds_config.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = field(default="", metadata={"help": "shard dir, brace pattern or glob (required)"})
+    samples_per_epoch: int = field(default=0, metadata={"help": "samples per epoch over all ranks (0: the manifest's count)"})
+    batch_size: int = field(default=32, metadata={"help": "micro-batch per rank"})
+    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the shuffle buffer"})
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="tiny", metadata={"help": "model config name (mlip_ds/model/configs) or a JSON path"})
+    text_model: str = field(default="", metadata={"help": "local Hugging Face text-model folder (overrides the config)"})
+    tokenizer: str = field(default="", metadata={"help": "local tokenizer folder (default: the text model's)"})
+    pretrained_text: bool = field(default=False, metadata={"help": "load the text model's weights (else random init)"})
+    pretrained_image: str = field(default="", metadata={"help": "local vision-tower weights (safetensors or torch file)"})
+    init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, temperature)"})
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps before the cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = field(default="runs/mlip", metadata={"help": "run folder: checkpoints/, tb/, export/"})
+    epochs: int = 1
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
+    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint tag to resume from"})
+    seed: int = 0
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_name: str) -> None:
+    group = parser.add_argument_group(group_name)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f"{group_name}.{f.name}", action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            group.add_argument(flag, dest=f"{group_name}.{f.name}", type=typ, default=f.default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="MLIP pretraining with DeepSpeed: deepspeed mlip_ds/train.py --deepspeed_config "
+                    "ds_configs/zero2.json --train-shards DIR ...")
+    for f in dataclasses.fields(TrainConfig):
+        add_dataclass_args(parser, f.default_factory, f.name)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig()
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg

@@ -1,0 +1,78 @@
+"""Fill a DeepSpeed JSON config's "auto" values from the run config, and refuse contradictions.
+
+DeepSpeed itself does not understand "auto" (that is Hugging Face's convention, which our users
+know); we resolve it here so one JSON serves every model size and the CLI stays the single source
+of truth. A value set explicitly in the JSON that disagrees with an explicitly different CLI
+value is an error, raised before DeepSpeed starts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from mlip_ds.config import TrainConfig
+
+
+class DSConfigError(ValueError):
+    pass
+
+
+def load_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise DSConfigError(f"DeepSpeed config '{path}' does not exist (try ds_configs/zero2.json)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"DeepSpeed config '{path}' is not valid JSON: {e}") from e
+
+
+def _fill(section: dict, key: str, value, where: str, source: str) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise DSConfigError(f"{where}.{key} = {current!r} in the DeepSpeed config contradicts {source} = {value!r}; "
+                            f"set it to \"auto\" or make them agree")
+
+
+def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, total_steps: int, bf16_ok: bool) -> dict:
+    ds = copy.deepcopy(ds)
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.data.batch_size, "", "--batch-size")
+    _fill(ds, "gradient_accumulation_steps", o.grad_accum, "", "--grad-accum")
+    _fill(ds, "train_batch_size", cfg.data.batch_size * o.grad_accum * world_size, "",
+          "--batch-size x --grad-accum x world size")
+    _fill(ds, "gradient_clipping", o.grad_clip, "", "--grad-clip")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        _fill(params, "lr", o.lr, "optimizer.params", "--lr")
+        _fill(params, "betas", [o.beta1, o.beta2], "optimizer.params", "--beta1/--beta2")
+        _fill(params, "eps", o.eps, "optimizer.params", "--eps")
+        _fill(params, "weight_decay", o.weight_decay, "optimizer.params", "--weight-decay")
+    if "scheduler" in ds:
+        params = ds["scheduler"].setdefault("params", {})
+        if "total_num_steps" in params:
+            _fill(params, "total_num_steps", total_steps, "scheduler.params", "epochs x steps per epoch")
+        if "warmup_num_steps" in params:
+            _fill(params, "warmup_num_steps", min(o.warmup_steps, max(1, total_steps - 1)),
+                  "scheduler.params", "--warmup-steps")
+        for key in ("warmup_max_lr",):
+            if key in params:
+                _fill(params, key, o.lr, "scheduler.params", "--lr")
+    for precision in ("bf16", "fp16"):
+        if precision in ds and ds[precision].get("enabled") == "auto":
+            ds[precision]["enabled"] = bf16_ok if precision == "bf16" else False
+    if ds.get("bf16", {}).get("enabled") is True and not bf16_ok:
+        raise DSConfigError("bf16.enabled is true but this device has no bf16 support; set it to \"auto\"")
+    leftover = _find_auto(ds)
+    if leftover:
+        raise DSConfigError(f"DeepSpeed config keys still 'auto' that mlip-ds cannot fill: {leftover}")
+    return ds
+
+
+def _find_auto(node, prefix="") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []

@@ -1,0 +1,100 @@
+"""Build the open_clip two-tower model (vision tower + HF BERT-style text tower) from a named config.
+
+Model configs are small JSON files in ``mlip_ds/model/configs/`` (open_clip's registry idea): adding
+a model size is adding a JSON. ``builtin:NAME`` in a text config points at a folder in
+``mlip_ds/model/text_models/`` (configs and a WordPiece vocabulary shipped with the package), so
+nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.tokenizer import HFTokenizer
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TEXT_MODEL_DIR = Path(__file__).parent / "text_models"
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_path(name: str) -> str:
+    """``builtin:tiny_bert`` -> the packaged folder; anything else must be an existing local folder."""
+    if name.startswith("builtin:"):
+        path = TEXT_MODEL_DIR / name[len("builtin:"):]
+    else:
+        path = Path(name).expanduser()
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"text model '{name}' is not a local folder with a config.json ({path}); pass "
+            "--text-model DIR pointing at a Hugging Face model folder (nothing is downloaded)")
+    return str(path.resolve())
+
+
+def load_model_config(name: str, text_model: str | None = None, tokenizer: str | None = None) -> dict:
+    """Read a named config (or a path to a JSON) and resolve its text model paths to absolute folders."""
+    path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"unknown model '{name}': choose one of {available_models()} or pass a path to a JSON config")
+    cfg = json.loads(path.read_text())
+    cfg.pop("description", None)
+    text_cfg = cfg["text_cfg"]
+    if text_model:
+        text_cfg["hf_model_name"] = text_model
+        text_cfg["hf_tokenizer_name"] = tokenizer or text_model
+    elif tokenizer:
+        text_cfg["hf_tokenizer_name"] = tokenizer
+    text_cfg["hf_model_name"] = resolve_path(text_cfg["hf_model_name"])
+    text_cfg["hf_tokenizer_name"] = resolve_path(text_cfg["hf_tokenizer_name"])
+    cfg.setdefault("preprocess", {}).setdefault("image_size", cfg["vision_cfg"]["image_size"])
+    return cfg
+
+
+def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image: str | None = None,
+                init_temperature: float = 0.07) -> open_clip.CustomTextCLIP:
+    """Instantiate the two-tower model.
+
+    ``nonscalar_logit_scale`` gives logit_scale the shape [1]: DeepSpeed 0.19.8 rejects 0-dim
+    parameters in ``initialize`` (stack notes), and the losses broadcast a [1] scale fine.
+    """
+    cfg = copy.deepcopy(model_cfg)
+    cfg.pop("preprocess", None)
+    text_cfg = dict(cfg.pop("text_cfg"))
+    text_cfg["hf_model_pretrained"] = pretrained_text
+    import math
+    model = open_clip.CustomTextCLIP(
+        embed_dim=cfg.pop("embed_dim"), vision_cfg=cfg.pop("vision_cfg"), text_cfg=text_cfg,
+        init_logit_scale=math.log(1.0 / init_temperature), nonscalar_logit_scale=True, **cfg)
+    if pretrained_image:
+        load_image_weights(model, pretrained_image)
+    return model
+
+
+def load_image_weights(model: torch.nn.Module, path: str) -> None:
+    """Load vision-tower weights from a local file: an open_clip checkpoint (``visual.*`` keys) or a
+    bare tower state dict, as safetensors or a weights-only torch file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--pretrained-image {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    if any(k.startswith("visual.") for k in state):
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    missing, unexpected = model.visual.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(list(model.visual.state_dict())):
+        raise ValueError(f"{path} does not match the vision tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_tokenizer(model_cfg: dict) -> HFTokenizer:
+    """open_clip's HF tokenizer wrapper (pads/truncates to the context length; returns input ids)."""
+    text_cfg = model_cfg["text_cfg"]
+    return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))

@@ -1,0 +1,251 @@
+"""DeepSpeed entry point: shards -> batches -> two-tower model -> global InfoNCE -> optimizer step.
+
+    deepspeed --num_gpus 2 mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
+        --train-shards data/shards --out-dir runs/demo
+
+Reads top to bottom: setup (validate inputs before DeepSpeed starts), build, resume, loop,
+checkpoint, export.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# DeepSpeed picks its accelerator when imported; without CUDA use its CPU accelerator (gloo).
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from mlip_ds import checkpoint  # noqa: E402
+from mlip_ds.config import TrainConfig, build_parser, config_from_args  # noqa: E402
+from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
+from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config  # noqa: E402
+from mlip_ds.export import export_model  # noqa: E402
+from mlip_ds.losses.global_contrast import global_contrastive_loss  # noqa: E402
+from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
+
+log = logging.getLogger("mlip_ds.train")
+MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
+
+
+class SetupError(RuntimeError):
+    """A user input is wrong; raised before DeepSpeed starts, with what to fix."""
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
+    return args, config_from_args(args)
+
+
+def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
+    """Everything a user can get wrong, checked before DeepSpeed starts."""
+    if not cfg.data.train_shards:
+        raise SetupError("--train-shards is required: a shard folder from `python tools/make_shards.py`")
+    urls = expand_shards(cfg.data.train_shards)
+    try:
+        model_cfg = load_model_config(cfg.model.model, cfg.model.text_model or None, cfg.model.tokenizer or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from e
+    samples = cfg.data.samples_per_epoch
+    if samples <= 0:
+        manifest = Path(urls[0]).parent / "manifest.json"
+        if not manifest.exists():
+            raise SetupError("--samples-per-epoch is required when the shards have no manifest.json")
+        samples = json.loads(manifest.read_text())["num_samples"]
+    return model_cfg, samples
+
+
+def set_threads() -> None:
+    """The deepspeed launcher leaves OMP_NUM_THREADS unset: N ranks x all cores oversubscribe the CPU."""
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases, norms and the temperature (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(cfg: TrainConfig, ds_config_path: str) -> dict:
+    model_cfg, samples_per_epoch = check_inputs(cfg)
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    set_threads()
+    torch.manual_seed(cfg.run.seed)
+    out_dir = Path(cfg.run.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+
+    accum = cfg.optim.grad_accum
+    micro_per_epoch = samples_per_epoch // (cfg.data.batch_size * world)
+    micro_per_epoch -= micro_per_epoch % accum
+    if micro_per_epoch == 0:
+        raise SetupError(f"--samples-per-epoch {samples_per_epoch} is smaller than one global batch "
+                         f"({cfg.data.batch_size} x {world} ranks x {accum} accumulation)")
+    steps_per_epoch = micro_per_epoch // accum
+    total_steps = steps_per_epoch * cfg.run.epochs
+    if cfg.run.max_steps:
+        total_steps = min(total_steps, cfg.run.max_steps)
+
+    model = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
+                        pretrained_image=cfg.model.pretrained_image or None,
+                        init_temperature=cfg.model.init_temperature)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = build_tokenizer(model_cfg)
+
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
+    if not torch.cuda.is_available() and "optimizer" in ds_config:
+        # torch's AdamW on CPU: DeepSpeed's fused kernels would be JIT-compiled (~40 s) for no gain.
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           model_parameters=param_groups(model, cfg.optim.weight_decay))
+    device = engine.device
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "resumes": 0}
+    if cfg.run.resume:
+        loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume)
+        if loaded:
+            state.update({k: loaded[k] for k in state if k in loaded})
+            state["resumes"] += 1
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out_dir / "tb"))
+        (out_dir / "train_config.json").write_text(json.dumps(
+            {"cfg": _asdict(cfg), "deepspeed": ds_config, "world_size": world}, indent=2, default=str))
+
+    image_size = model_cfg["preprocess"]["image_size"]
+    mean = tuple(model_cfg["preprocess"].get("mean", CLIP_MEAN))
+    std = tuple(model_cfg["preprocess"].get("std", CLIP_STD))
+    progress = tqdm(total=total_steps, initial=state["step"], desc="train", disable=rank != 0, dynamic_ncols=True)
+    global_batch = cfg.data.batch_size * world
+    last_loss = float("nan")
+    window = {"t0": time.time(), "wait": 0.0, "samples": 0}
+
+    while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
+        remaining = micro_per_epoch - state["micro_in_epoch"]
+        spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, remaining, image_size, mean, std,
+                          cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed)
+        # A resumed run draws a fresh stream for the rest of its epoch (exact replay is issue-tracked).
+        loader = make_train_loader(spec, tokenizer, epoch=state["epoch"] * 1000 + state["resumes"])
+        t_wait = time.time()
+        for batch in loader:
+            window["wait"] += time.time() - t_wait
+            images = batch["image"].to(device, dtype=dtype, non_blocking=True)
+            texts = batch["text"].to(device, non_blocking=True)
+            image_features, text_features, logit_scale = engine(images, texts)
+            loss = global_contrastive_loss(image_features.float(), text_features.float(),
+                                           logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
+            engine.backward(loss)
+            engine.step()
+            state["micro_in_epoch"] += 1
+            state["samples_seen"] += global_batch
+            window["samples"] += global_batch
+            if not engine.is_gradient_accumulation_boundary():
+                t_wait = time.time()
+                continue
+            state["step"] += 1
+            progress.update(1)
+            if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
+                last_loss = _mean_over_ranks(loss.detach())
+                _log(writer, state, window, last_loss, engine, logit_scale, progress)
+            if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
+                checkpoint.save(engine, ckpt_dir, state["step"], dict(state), cfg.run.keep_last)
+            if state["step"] >= total_steps:
+                break
+            t_wait = time.time()
+        else:
+            state["epoch"] += 1
+            state["micro_in_epoch"] = 0
+            continue
+        break
+    progress.close()
+
+    if not (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
+        checkpoint.save(engine, ckpt_dir, state["step"], dict(state), cfg.run.keep_last)
+    export_dir = out_dir / "export"
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
+                                           enabled=ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
+        if rank == 0:
+            export_model(engine.module, model_cfg, str(export_dir),
+                         info={"step": state["step"], "samples_seen": state["samples_seen"]})
+    summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
+               "export": str(export_dir), "world_size": world}
+    if writer:
+        writer.close()
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"done: {summary}", flush=True)
+    dist.barrier()
+    return summary
+
+
+def _mean_over_ranks(x: torch.Tensor) -> float:
+    x = x.float().clone()
+    dist.all_reduce(x)
+    return x.item() / dist.get_world_size()
+
+
+def _log(writer, state, window, loss, engine, logit_scale, progress) -> None:
+    if writer is None:
+        return
+    elapsed = max(time.time() - window["t0"], 1e-9)
+    step = state["step"]
+    lr = engine.get_lr()[0]
+    temperature = 1.0 / float(logit_scale.detach().float().mean())
+    scalars = {"loss/total": loss, "loss/global": loss, "lr": lr, "temperature": temperature,
+               "perf/samples_per_s": window["samples"] / elapsed,
+               "perf/data_wait_fraction": window["wait"] / elapsed}
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, step)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{scalars['perf/samples_per_s']:.1f}")
+    window.update(t0=time.time(), wait=0.0, samples=0)
+
+
+def _asdict(cfg):
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, cfg = parse_args(argv)
+    try:
+        train(cfg, args.deepspeed_config)
+    except (SetupError, ShardPathError, DSConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
