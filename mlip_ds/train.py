@@ -21,6 +21,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import deepspeed  # noqa: E402
@@ -37,6 +38,8 @@ from mlip_ds.losses.global_contrast import global_contrastive_loss  # noqa: E402
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
+# open_clip's gather uses torch.distributed.nn.all_gather, which torch 2.14 marks deprecated.
+warnings.filterwarnings("ignore", message=r".*all_gather.*deprecated", category=FutureWarning)
 MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
 
 

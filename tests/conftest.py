@@ -24,3 +24,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """Small synthetic train/test shard sets made once per test session with the real CLI."""
+    import subprocess
+    base = tmp_path_factory.mktemp("synthetic")
+    sets = {"train": (0, 192), "test": (100000, 96)}
+    for name, (start, n) in sets.items():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out",
+                        str(base / name), "--num-samples", str(n), "--start-index", str(start),
+                        "--image-size", "64", "--samples-per-shard", "48"], check=True, cwd=ROOT,
+                       capture_output=True, timeout=300)
+    return {name: base / name for name in sets}

@@ -1,0 +1,113 @@
+"""The trainer end to end: a 2-rank DeepSpeed CPU run that checkpoints, resumes and continues;
+inputs that are wrong fail before DeepSpeed starts; the DeepSpeed config's "auto" values."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mlip_ds.config import TrainConfig
+from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config
+
+DS_CONFIG = str(ROOT / "ds_configs" / "zero2.json")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _deepspeed(args, timeout=300):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _port():
+    from conftest import free_port
+    return free_port()
+
+
+def _scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_two_rank_run_checkpoints_resumes_and_exports(synthetic_shards, tmp_path):
+    out = tmp_path / "run"
+    common = ["--train-shards", str(synthetic_shards["train"]), "--out-dir", str(out), "--batch-size", "4",
+              "--samples-per-epoch", "64", "--save-every", "4", "--log-every", "2", "--workers", "1",
+              "--warmup-steps", "2"]
+    first = _deepspeed(common + ["--epochs", "1"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000008"
+    assert {"step00000004", "step00000008"} <= set(os.listdir(ckpts))
+    assert json.loads((out / "summary.json").read_text())["step"] == 8
+
+    second = _deepspeed(common + ["--epochs", "2", "--resume", "latest"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 16 and summary["samples_seen"] == 16 * 8
+    assert (ckpts / "latest").read_text().strip() == "step00000016"
+
+    scalars = _scalars(out / "tb")
+    for tag in ("loss/total", "lr", "temperature", "perf/samples_per_s", "perf/data_wait_fraction"):
+        assert tag in scalars, sorted(scalars)
+    steps = [s for s, _ in scalars["loss/total"]]
+    assert max(steps) == 16 and 10 in steps  # logged after the resume too
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in scalars["loss/total"])
+
+    # The export loads without DeepSpeed and reproduces the trained towers.
+    from mlip_ds.export import load_image_encoder, load_model
+    model, meta = load_model(str(out / "export"))
+    assert meta["info"]["step"] == 16
+    encoder, preprocess = load_image_encoder(str(out / "export"))
+    x = torch.randn(2, 3, preprocess["image_size"], preprocess["image_size"])
+    with torch.no_grad():
+        feats = encoder(x)
+        random_feats = load_image_encoder(str(out / "export"), random_init=True)[0](x)
+    assert feats.shape[0] == 2 and torch.isfinite(feats).all()
+    assert not torch.allclose(feats, random_feats)
+
+
+def _train_cli(args):
+    cmd = [sys.executable, str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_wrong_shard_path_fails_before_deepspeed(tmp_path):
+    r = _train_cli(["--train-shards", str(tmp_path / "nope")])
+    assert r.returncode == 2
+    assert "not found" in r.stderr and "make_shards" in r.stderr
+    assert "DeepSpeed info" not in r.stdout + r.stderr  # never reached deepspeed.initialize
+
+
+def test_unknown_model_fails_with_choices(synthetic_shards):
+    r = _train_cli(["--train-shards", str(synthetic_shards["train"]), "--model", "vit-huge-typo"])
+    assert r.returncode == 2
+    assert "unknown model 'vit-huge-typo'" in r.stderr and "tiny" in r.stderr
+
+
+def test_ds_config_auto_values_filled_and_contradictions_refused():
+    cfg = TrainConfig()
+    cfg.data.batch_size, cfg.optim.grad_accum, cfg.optim.lr = 8, 2, 1e-3
+    ds = resolve_ds_config(load_ds_config(DS_CONFIG), cfg, world_size=2, total_steps=100, bf16_ok=False)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["bf16"]["enabled"] is False
+    bad = load_ds_config(DS_CONFIG)
+    bad["train_micro_batch_size_per_gpu"] = 16
+    with pytest.raises(DSConfigError, match="contradicts --batch-size"):
+        resolve_ds_config(bad, cfg, world_size=2, total_steps=100, bf16_ok=False)
+    with pytest.raises(DSConfigError, match="does not exist"):
+        load_ds_config("/nonexistent.json")
