@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Write WebDataset shards (+ manifest.json) from the synthetic generator or a CSV.
+
+    python tools/make_shards.py synthetic --out DIR --num-samples 2000 [--seed 0] [--start-index 0]
+        [--samples-per-shard 256] [--image-size 256] [--format png|jpg] [--workers N] [--prefix shard]
+    python tools/make_shards.py csv --csv FILE --out DIR [--image-col image]
+        [--report-col report | --report-file-col report_file] [--label-cols a,b,c] [--meta-cols x,y]
+        [--id-col id] [--root DIR] [--image-size 256] [--format png|jpg] [--samples-per-shard 256]
+        [--workers N] [--prefix shard] [--strict]
+
+Exit codes: 0 ok; 1 nothing was written (every row skipped); 2 bad arguments, missing CSV/column,
+existing output without --overwrite, or (with --strict) the first bad row.
+The sample schema and the manifest are documented in README.md ("Making shards").
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mlip_ds import __version__  # noqa: E402
+from mlip_ds.data import shard_writer as sw  # noqa: E402
+from mlip_ds.sources import csv_source  # noqa: E402
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+def _quality(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1..100, got {n}")
+    return n
+
+
+def _col_list(value: str) -> list:
+    cols = [c.strip() for c in value.split(",") if c.strip()]
+    if not cols:
+        raise argparse.ArgumentTypeError("empty column list")
+    return cols
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder (created if missing)")
+    common.add_argument("--prefix", default="shard",
+                        help="shard file prefix: PREFIX-000000.tar ...; the manifest is manifest.json for the "
+                             "default 'shard', else PREFIX-manifest.json (default: shard)")
+    common.add_argument("--samples-per-shard", type=_positive, default=256, help="samples per shard (default: 256)")
+    common.add_argument("--image-size", type=_positive, default=256,
+                        help="resize so the short side is this many pixels, down or up (default: 256)")
+    common.add_argument("--format", choices=sw.IMAGE_FORMATS, default="png", help="image encoding (default: png)")
+    common.add_argument("--jpeg-quality", type=_quality, default=sw.DEFAULT_JPEG_QUALITY,
+                        help=f"JPEG quality for --format jpg (default: {sw.DEFAULT_JPEG_QUALITY})")
+    common.add_argument("--workers", type=_positive, default=1,
+                        help="processes for decode/resize/encode; output does not depend on it (default: 1)")
+    common.add_argument("--overwrite", action="store_true",
+                        help="replace this prefix's shards and manifest if the folder already has them")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = argparse.ArgumentParser(prog="make_shards.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="source", required=True)
+
+    s = sub.add_parser("synthetic", parents=[common], help="synthetic chest X-rays + reports (mlip_ds.sources.synthetic)")
+    s.add_argument("--num-samples", type=_positive, required=True)
+    s.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    s.add_argument("--start-index", type=_non_negative, default=0,
+                   help="first sample index; e.g. a test set with --start-index 1000000 is disjoint from "
+                        "a train set made from index 0 (default: 0)")
+    s.add_argument("--gen-size", type=_positive, default=None,
+                   help="size the generator draws at (default: --image-size, i.e. no resize)")
+
+    c = sub.add_parser("csv", parents=[common], help="images + reports listed in a CSV")
+    c.add_argument("--csv", required=True, help="the CSV file (UTF-8, header row)")
+    c.add_argument("--root", default=None, help="folder relative paths are resolved against (default: the CSV's folder)")
+    c.add_argument("--image-col", default="image", help="column with the image path (default: image)")
+    rep = c.add_mutually_exclusive_group()
+    rep.add_argument("--report-col", default=None, help="column with the report text (default: report)")
+    rep.add_argument("--report-file-col", default=None, help="column with a path to a UTF-8 report file")
+    c.add_argument("--label-cols", type=_col_list, default=None,
+                   help="comma-separated label columns (values 1/0/-1, 1.0/0.0/-1.0, blank = not given); "
+                        "default: every column that is not image/report/id/meta")
+    c.add_argument("--meta-cols", type=_col_list, default=None,
+                   help="comma-separated columns copied as strings into the sample's meta (e.g. Sex,Age)")
+    c.add_argument("--id-col", default=None, help="column with the sample id (default: the image path without extension)")
+    c.add_argument("--strict", action="store_true",
+                   help="stop with exit code 2 at the first bad row instead of skipping it")
+    return p
+
+
+def _fail(msg: str, code: int = 2):
+    print(f"make_shards: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.source == "csv" and args.report_col is None and args.report_file_col is None:
+        args.report_col = "report"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        _fail(f"--out {args.out} exists and is not a folder")
+    if "/" in args.prefix or not args.prefix.strip():
+        _fail(f"--prefix {args.prefix!r} must be a plain file name prefix")
+    existing = sw.existing_outputs(args.out, args.prefix)
+    if existing and not args.overwrite:
+        _fail(f"{args.out} already holds {len(existing)} output file(s) for prefix {args.prefix!r} "
+              f"(e.g. {os.path.basename(existing[0])}); pass --overwrite to replace them")
+
+    created_with = {"tool": "tools/make_shards.py", "mlip_ds_version": __version__}
+    created_with.update({k: v for k, v in vars(args).items()})
+    encode = sw.EncodeOptions(image_size=args.image_size, fmt=args.format, jpeg_quality=args.jpeg_quality)
+
+    if args.source == "synthetic":
+        opts = sw.SyntheticOptions(encode=encode, seed=args.seed, gen_size=args.gen_size or args.image_size)
+        from mlip_ds.data.schema import FINDINGS, NO_FINDING
+        try:
+            from mlip_ds.sources import synthetic as _syn
+        except ImportError as e:
+            _fail(f"cannot import the synthetic generator: {e}")
+        label_names = list(getattr(_syn, "LABEL_NAMES", [*FINDINGS, NO_FINDING]))
+        indices = range(args.start_index, args.start_index + args.num_samples)
+        results = sw.synthetic_results(indices, opts, args.workers, total=len(indices))
+        total, source = len(indices), "synthetic"
+    else:
+        try:
+            label_names, rows = csv_source.read_rows(
+                args.csv, image_col=args.image_col, report_col=args.report_col,
+                report_file_col=args.report_file_col, label_cols=args.label_cols,
+                meta_cols=args.meta_cols, id_col=args.id_col, root=args.root)
+            rows = list(rows)
+        except csv_source.CsvSourceError as e:
+            _fail(str(e))
+        except (OSError, UnicodeError, ValueError, csv.Error) as e:  # unreadable CSV, csv.Error
+            _fail(f"{args.csv}: cannot read the CSV ({e})")
+        results = sw.csv_results(rows, encode, args.workers, total=len(rows))
+        total, source = len(rows), "csv"
+
+    for path in existing:  # --overwrite: only now that the input checked out
+        os.remove(path)
+    try:
+        manifest = sw.write_dataset(results, args.out, source=source, created_with=created_with,
+                                    label_names=label_names, prefix=args.prefix,
+                                    samples_per_shard=args.samples_per_shard,
+                                    strict=getattr(args, "strict", False), total=total,
+                                    progress=not args.quiet)
+    except sw.StrictError as e:
+        _fail(f"{args.csv}: {e} (--strict: stopped, no manifest written)")
+    print(sw.summarize(manifest, args.out, args.prefix))
+    if manifest["num_samples"] == 0:
+        print("make_shards: error: no samples were written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
