@@ -45,7 +45,8 @@ def expand_shards(spec: str) -> list[str]:
         if missing or not expanded:
             raise ShardPathError(f"shard file(s) not found: {missing[:3] or part} (from --train-shards "
                                  f"'{spec}'); pass a shard directory, a brace pattern like "
-                                 "'data/shard-{000000..000009}.tar', or a glob")
+                                 "'data/shard-{000000..000009}.tar', or a glob; "
+                                 "make shards with `python tools/make_shards.py synthetic|csv --out DIR`")
         urls += expanded
     return urls
 
