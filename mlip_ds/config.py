@@ -17,6 +17,8 @@ class DataConfig:
     batch_size: int = field(default=32, metadata={"help": "micro-batch per rank"})
     workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the shuffle buffer"})
+    data_mode: str = field(default="resampled", metadata={
+        "help": "'resampled': each rank/worker draws shards with replacement; 'split': disjoint shards per rank and worker"})
 
 
 @dataclass

@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
         remaining = micro_per_epoch - state["micro_in_epoch"]
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, remaining, image_size, mean, std,
-                          cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed)
+                          cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.data_mode)
         # A resumed run draws a fresh stream for the rest of its epoch (exact replay is issue-tracked).
         loader = make_train_loader(spec, tokenizer, epoch=state["epoch"] * 1000 + state["resumes"])
         t_wait = time.time()

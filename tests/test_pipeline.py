@@ -62,3 +62,21 @@ def test_bad_samples_are_skipped_not_fatal(tmp_path, caplog):
     keys = [k for b in make_train_loader(spec, build_tokenizer(load_model_config("tiny"))) for k in b["key"]]
     assert len(keys) == 12 and all(int(k[1:]) % 3 for k in keys)
     assert any("skipped a bad sample" in r.message for r in caplog.records)
+
+
+def test_split_mode_gives_ranks_disjoint_shards(synthetic_shards, monkeypatch):
+    cfg = load_model_config("tiny")
+    keys = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        spec = LoaderSpec(str(synthetic_shards["train"]), batch_size=8, batches_per_epoch=12, image_size=64,
+                          mean=(0.5,) * 3, std=(0.25,) * 3, workers=2, shuffle_buffer=10, seed=0, mode="split")
+        keys[rank] = {k for b in make_train_loader(spec, build_tokenizer(cfg)) for k in b["key"]}
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    shard_of = lambda key: int(key.rsplit("-", 1)[1]) // 48  # noqa: E731  (48 samples per shard)
+    assert {shard_of(k) for k in keys[0]} == {0, 2} and {shard_of(k) for k in keys[1]} == {1, 3}
+    assert len(keys[0]) > 80  # 96 draws from its 96 samples: nearly all seen despite the shuffle buffer
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ShardPathError, match="at least ranks x workers"):
+        make_train_loader(spec, build_tokenizer(cfg))

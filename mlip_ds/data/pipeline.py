@@ -1,9 +1,12 @@
 """Shards -> batches: the WebDataset streaming pipeline used by training.
 
-Shards are resampled with replacement (open_clip's scheme for multi-node training: no node or
-worker splitting is needed, every rank/worker draws its own deterministic stream), shuffled in a
-buffer, decoded, augmented and tokenized in the loader workers, and batched there. An epoch is a
-fixed number of batches per rank (``samples_per_epoch / world_size / batch_size``).
+Two ways to hand shards to ranks and workers:
+- ``resampled`` (default, open_clip's scheme for large runs): every rank/worker draws shards with
+  replacement from its own seeded stream; no splitting, any number of shards works.
+- ``split``: shards are split by node (rank) and then by worker, each reading a disjoint subset
+  and cycling through it; needs at least ranks x workers shards.
+Samples are shuffled in a buffer, decoded, augmented and tokenized in the loader workers, and
+batched there. An epoch is a fixed number of batches per rank (samples_per_epoch / world / batch).
 """
 from __future__ import annotations
 
@@ -91,6 +94,28 @@ class LoaderSpec:
     workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
+    mode: str = "resampled"        # or "split"
+
+
+def shard_stages(urls: list[str], mode: str, seed: int, workers: int) -> list:
+    """The first pipeline stages: which shard URLs this rank/worker reads, forever."""
+    if mode == "resampled":
+        return [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    if mode != "split":
+        raise ValueError(f"data mode must be 'resampled' or 'split', got {mode!r}")
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    if len(urls) < world * workers:
+        raise ShardPathError(f"--data-mode split needs at least ranks x workers = {world} x {workers} shards, "
+                             f"found {len(urls)}; make more, smaller shards (--samples-per-shard) or use "
+                             "--data-mode resampled")
+
+    def cycle(src):
+        urls_here = list(src)
+        while True:  # an epoch is a number of batches, so each worker cycles through its shards
+            yield from ({"url": u} for u in urls_here)
+
+    return [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+            lambda src: cycle(d["url"] for d in src)]
 
 
 def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0) -> wds.WebLoader:
@@ -106,15 +131,15 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0) -> wds.WebLoa
         return {"image": transform(sample["image"]), "text": tokenizer(sample["text"])[0],
                 "key": sample["__key__"]}
 
+    workers = max(0, spec.workers)
     dataset = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        *shard_stages(urls, spec.mode, seed, max(1, workers)),
         wds.tarfile_to_samples(handler=log_and_continue),
         _seeded_shuffle(spec.shuffle_buffer, seed),
         wds.map(_decode_sample, handler=log_and_continue),
         wds.map(to_training, handler=log_and_continue),
         wds.batched(spec.batch_size, partial=False, collation_fn=wds.filters.default_collation_fn),
     )
-    workers = max(0, spec.workers)
     per_worker = -(-spec.batches_per_epoch // max(1, workers))  # ceil: with_epoch counts per worker
     dataset = dataset.with_epoch(per_worker)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
