@@ -54,6 +54,8 @@ class RunConfig:
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint tag to resume from"})
     seed: int = 0
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
+    max_nan_steps: int = field(default=5, metadata={"help": "stop (with a checkpoint) after this many non-finite losses in a row"})
+    deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (exact replay on CPU)"})
 
 
 @dataclass

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -41,6 +41,7 @@ log = logging.getLogger("mlip_ds.train")
 # open_clip's gather uses torch.distributed.nn.all_gather, which torch 2.14 marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather.*deprecated", category=FutureWarning)
 MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; rerun with --resume latest
 
 
 class SetupError(RuntimeError):
@@ -98,7 +99,9 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     set_threads()
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True)
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir = out_dir / "checkpoints"
 
@@ -130,12 +133,21 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     device = engine.device
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "resumes": 0}
+    streams = max(1, cfg.data.workers)
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "nan_skipped": 0,
+             "skipped_before_epoch": 0, "streams": streams}
+    rank_state = {"positions": [0] * streams, "skipped": [0] * streams}
     if cfg.run.resume:
         loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume)
         if loaded:
-            state.update({k: loaded[k] for k in state if k in loaded})
-            state["resumes"] += 1
+            client_state, saved_rank_state = loaded
+            state.update({k: client_state[k] for k in state if k in client_state})
+            rank_state.update({k: saved_rank_state[k] for k in rank_state if k in saved_rank_state})
+            if state["streams"] != streams:
+                log.warning("--workers changed from %s to %s: the rest of this epoch draws a new stream "
+                            "(exact data replay needs the same --workers)", state["streams"], streams)
+                state.update(epoch=state["epoch"], streams=streams)
+                rank_state = {"positions": [0] * streams, "skipped": [0] * streams}
 
     writer = None
     if rank == 0:
@@ -152,48 +164,81 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     global_batch = cfg.data.batch_size * world
     last_loss = float("nan")
     window = {"t0": time.time(), "wait": 0.0, "samples": 0}
+    stop = StopRequest()
+    nan_in_a_row = 0
+    injected_nan = _injected_nan_steps()
+
+    def save_checkpoint():
+        checkpoint.save(engine, ckpt_dir, state["step"], dict(state), dict(rank_state), cfg.run.keep_last)
 
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
-        remaining = micro_per_epoch - state["micro_in_epoch"]
-        spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, remaining, image_size, mean, std,
-                          cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed, cfg.data.data_mode)
-        # A resumed run draws a fresh stream for the rest of its epoch (exact replay is issue-tracked).
-        loader = make_train_loader(spec, tokenizer, epoch=state["epoch"] * 1000 + state["resumes"])
+        spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
+                          image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
+                          cfg.data.data_mode)
+        loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
+                                   resume_positions=rank_state["positions"])
         t_wait = time.time()
         for batch in loader:
             window["wait"] += time.time() - t_wait
+            sid = int(batch["stream"][-1])
+            rank_state["positions"][sid] = int(batch["pos"][-1])
+            rank_state["skipped"][sid] = int(batch["skipped"][-1])
+            state["micro_in_epoch"] += 1
+            state["samples_seen"] += global_batch
+            window["samples"] += global_batch
+
             images = batch["image"].to(device, dtype=dtype, non_blocking=True)
             texts = batch["text"].to(device, non_blocking=True)
             image_features, text_features, logit_scale = engine(images, texts)
             loss = global_contrastive_loss(image_features.float(), text_features.float(),
                                            logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
-            engine.backward(loss)
-            engine.step()
-            state["micro_in_epoch"] += 1
-            state["samples_seen"] += global_batch
-            window["samples"] += global_batch
-            if not engine.is_gradient_accumulation_boundary():
-                t_wait = time.time()
-                continue
-            state["step"] += 1
-            progress.update(1)
-            if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                last_loss = _mean_over_ranks(loss.detach())
-                _log(writer, state, window, last_loss, engine, logit_scale, progress)
-            if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
-                checkpoint.save(engine, ckpt_dir, state["step"], dict(state), cfg.run.keep_last)
+            if state["step"] + 1 in injected_nan:
+                loss = loss * float("nan")
+            # One small all-reduce per micro-step: every rank agrees on skipping a non-finite loss and
+            # on stopping for a signal, so no rank ever waits in a collective the others skipped.
+            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0] > 0:
+                state["nan_skipped"] += 1
+                nan_in_a_row += 1
+                log.warning("non-finite loss at step %d: step skipped on every rank (%d in a row)",
+                            state["step"] + 1, nan_in_a_row)
+                if nan_in_a_row >= cfg.run.max_nan_steps:
+                    save_checkpoint()
+                    raise NonFiniteLossError(
+                        f"{nan_in_a_row} non-finite losses in a row at step {state['step'] + 1}; checkpoint "
+                        f"saved at {ckpt_dir / checkpoint.tag_for(state['step'])}. Lower --lr, check the data, "
+                        "or resume with --resume latest")
+            else:
+                nan_in_a_row = 0
+                engine.backward(loss)
+                engine.step()
+                if engine.is_gradient_accumulation_boundary():
+                    state["step"] += 1
+                    progress.update(1)
+                    if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
+                        last_loss = _mean_over_ranks(loss.detach())
+                        _log(writer, state, rank_state, window, last_loss, engine, logit_scale, progress, out_dir)
+                    if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
+                        save_checkpoint()
+            if flags[1] > 0 and state["micro_in_epoch"] % accum == 0:
+                save_checkpoint()
+                raise Interrupted(f"stopped by {stop.signal_name} at step {state['step']}: checkpoint saved, "
+                                  "resume with --resume latest")
             if state["step"] >= total_steps:
                 break
             t_wait = time.time()
         else:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
+            state["skipped_before_epoch"] += sum(_all_ranks_sum(rank_state["skipped"]))
+            rank_state.update(positions=[0] * streams, skipped=[0] * streams)
             continue
         break
     progress.close()
 
     if not (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
-        checkpoint.save(engine, ckpt_dir, state["step"], dict(state), cfg.run.keep_last)
+        save_checkpoint()
     export_dir = out_dir / "export"
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
                                            enabled=ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
@@ -201,13 +246,45 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
             export_model(engine.module, model_cfg, str(export_dir),
                          info={"step": state["step"], "samples_seen": state["samples_seen"]})
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
-               "export": str(export_dir), "world_size": world}
+               "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world}
     if writer:
         writer.close()
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         print(f"done: {summary}", flush=True)
     dist.barrier()
     return summary
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM / SIGUSR1 (preemption, time limit): a checkpoint was saved; the job can be requeued."""
+
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1; the loop checkpoints and stops at the next step on every rank."""
+
+    def __init__(self):
+        self.requested, self.signal_name = False, ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def _injected_nan_steps() -> set[int]:
+    """Test hook: MLIP_FAULT_INJECT=nan_at:5,6 makes the loss of those steps NaN."""
+    spec = os.environ.get("MLIP_FAULT_INJECT", "")
+    return {int(s) for s in spec[len("nan_at:"):].split(",")} if spec.startswith("nan_at:") else set()
+
+
+def _all_ranks_sum(values: list[int]) -> list[int]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:
@@ -216,7 +293,8 @@ def _mean_over_ranks(x: torch.Tensor) -> float:
     return x.item() / dist.get_world_size()
 
 
-def _log(writer, state, window, loss, engine, logit_scale, progress) -> None:
+def _log(writer, state, rank_state, window, loss, engine, logit_scale, progress, out_dir) -> None:
+    skipped = state["skipped_before_epoch"] + sum(_all_ranks_sum(rank_state["skipped"]))  # collective
     if writer is None:
         return
     elapsed = max(time.time() - window["t0"], 1e-9)
@@ -225,9 +303,12 @@ def _log(writer, state, window, loss, engine, logit_scale, progress) -> None:
     temperature = 1.0 / float(logit_scale.detach().float().mean())
     scalars = {"loss/total": loss, "loss/global": loss, "lr": lr, "temperature": temperature,
                "perf/samples_per_s": window["samples"] / elapsed,
-               "perf/data_wait_fraction": window["wait"] / elapsed}
+               "perf/data_wait_fraction": window["wait"] / elapsed,
+               "data/skipped": skipped, "train/nan_skipped": state["nan_skipped"]}
     for name, value in scalars.items():
         writer.add_scalar(name, value, step)
+    with open(out_dir / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{scalars['perf/samples_per_s']:.1f}")
     window.update(t0=time.time(), wait=0.0, samples=0)
 
@@ -245,6 +326,12 @@ def main(argv=None) -> None:
     except (SetupError, ShardPathError, DSConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -404,6 +404,7 @@ def test_cli_end_to_end(tmp_path, real_export, capsys):
     stdout = capsys.readouterr().out
     assert "| label | pretrained 10% | pretrained 100% | random 10% | random 100% |" in stdout
     assert (out / "probe.md").read_text() in stdout
+    assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
     payload = json.loads((out / "probe.json").read_text())
     assert set(payload["encoders"]) == {"pretrained", "random"}
     assert payload["encoders"]["random"]["encoder"]["random_init"] is True

@@ -18,6 +18,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -54,33 +55,30 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
+# Samples a worker skipped because its tar stream was unreadable (counted by the handler below,
+# read by ``decode_stream`` of the same worker process and reported with its batches).
+_TAR_ERRORS = {"count": 0}
+
+
 def log_and_continue(exn: Exception) -> bool:
-    """WebDataset handler: log the bad sample (the exception names shard and key) and go on."""
-    log.warning("skipped a bad sample: %r", exn)
+    """WebDataset handler: log the bad sample (the exception names shard and key), count it, go on."""
+    _TAR_ERRORS["count"] += 1
+    log.warning("skipped unreadable shard data: %r", exn)
     return True
 
 
-def _decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict) -> dict:
     """Decode only image, text and JSON members (never pickle: shard contents are untrusted)."""
     key = sample.get("__key__", "?")
     url = sample.get("__url__", "?")
     image_bytes = sample.get("png", sample.get("jpg", sample.get("jpeg")))
     if image_bytes is None or "txt" not in sample:
-        raise ValueError(f"{url}: sample {key} lacks an image (png/jpg) or txt member")
+        raise ValueError(f"sample lacks an image (png/jpg) or txt member (has {sorted(k for k in sample if not k.startswith('__'))})")
     image = Image.open(io.BytesIO(image_bytes))
     image.load()
     text = sample["txt"].decode("utf-8")
     meta = json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
-    return {"__key__": key, "image": image, "text": text, "meta": meta}
-
-
-def _seeded_shuffle(bufsize: int, seed: int):
-    """A shuffle stage whose RNG depends on (seed, rank, worker): reproducible and distinct per worker.
-    (webdataset's ``detshuffle`` seeds every worker alike.)"""
-    def stage(src):
-        rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
-        return wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng)
-    return stage
+    return {"__key__": key, "__url__": url, "image": image, "text": text, "meta": meta}
 
 
 @dataclass
@@ -97,51 +95,95 @@ class LoaderSpec:
     mode: str = "resampled"        # or "split"
 
 
-def shard_stages(urls: list[str], mode: str, seed: int, workers: int) -> list:
-    """The first pipeline stages: which shard URLs this rank/worker reads, forever."""
+def stream_id(start_batch: int, num_streams: int) -> int:
+    """The logical stream this worker process reads. The DataLoader hands out batches round-robin
+    from worker 0; a run resumed after ``start_batch`` batches must continue with the stream that
+    was next, so physical worker p reads logical stream (p + start_batch) mod num_streams."""
+    info = torch.utils.data.get_worker_info()
+    return ((info.id if info else 0) + start_batch) % num_streams
+
+
+def shard_stages(urls: list[str], mode: str, seed: int, rank: int, world: int, stream) -> list:
+    """The first pipeline stages: which shard URLs this (rank, stream) reads, forever."""
     if mode == "resampled":
-        return [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        return [wds.ResampledShards(urls, seed=seed, deterministic=True,
+                                    worker_seed=lambda: rank * 1000 + stream())]
     if mode != "split":
         raise ValueError(f"data mode must be 'resampled' or 'split', got {mode!r}")
-    rank, world, _, _ = wds.utils.pytorch_worker_info()
-    if len(urls) < world * workers:
-        raise ShardPathError(f"--data-mode split needs at least ranks x workers = {world} x {workers} shards, "
-                             f"found {len(urls)}; make more, smaller shards (--samples-per-shard) or use "
-                             "--data-mode resampled")
 
-    def cycle(src):
-        urls_here = list(src)
-        while True:  # an epoch is a number of batches, so each worker cycles through its shards
-            yield from ({"url": u} for u in urls_here)
+    def split_and_cycle():
+        ours = urls[rank::world][stream.id()::stream.count]
+        while True:  # an epoch is a number of batches, so each stream cycles through its shards
+            yield from ({"url": u} for u in ours)
 
-    return [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-            lambda src: cycle(d["url"] for d in src)]
+    return [split_and_cycle]
 
 
-def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0) -> wds.WebLoader:
-    """Build the loader for one epoch; batches are dicts {image: B,3,H,W, text: B,L, key: [B]}.
+class _Stream:
+    """Callable giving this worker's logical stream id (evaluated inside the worker process)."""
 
-    The seed mixes in ``epoch`` so each epoch (and a resumed run) draws a new, reproducible stream.
+    def __init__(self, start_batch: int, count: int):
+        self.start_batch, self.count = start_batch, count
+
+    def id(self) -> int:
+        return stream_id(self.start_batch, self.count)
+
+    __call__ = id
+
+
+def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: int = 0,
+                      resume_positions: list[int] | None = None) -> wds.WebLoader:
+    """Build the loader for one epoch (or what is left of it).
+
+    Batches are dicts {image: B,3,H,W, text: B,L, key: [B], stream, pos, skipped}: ``stream`` is
+    the logical stream the batch came from, ``pos`` the number of raw samples that stream had
+    read (after shuffling) up to the batch's last sample, ``skipped`` the bad samples it skipped.
+    The trainer keeps the last ``pos`` per stream in its checkpoint; ``resume_positions`` and
+    ``start_batch`` replay the epoch exactly from there (skipping raw samples before decoding).
+    Augmentation is seeded per sample from (seed, rank, stream, pos), so it replays too.
     """
     urls = expand_shards(spec.shards)
     seed = wds.utils.make_seed(spec.seed, epoch)
+    rank, world, _, _ = wds.utils.pytorch_worker_info()
+    streams = max(1, spec.workers)
+    if spec.mode == "split" and len(urls) < world * streams:
+        raise ShardPathError(f"--data-mode split needs at least ranks x workers = {world} x {streams} shards, "
+                             f"found {len(urls)}; make more, smaller shards (--samples-per-shard) or use "
+                             "--data-mode resampled")
+    stream = _Stream(start_batch, streams)
+    skip = list(resume_positions or [0] * streams)
     transform = train_transform(spec.image_size, spec.mean, spec.std)
 
-    def to_training(sample):
-        return {"image": transform(sample["image"]), "text": tokenizer(sample["text"])[0],
-                "key": sample["__key__"]}
+    def shuffle(src):
+        rng = random.Random(wds.utils.make_seed(seed, rank, stream()))
+        return wds.filters._shuffle(src, spec.shuffle_buffer, min(spec.shuffle_buffer, 100), rng)
 
-    workers = max(0, spec.workers)
+    def decode_stream(src):
+        sid = stream()
+        bad = 0
+        for pos, raw in enumerate(src, start=1):
+            if pos <= skip[sid]:
+                continue  # consumed before the checkpoint: skipped without decoding
+            try:
+                sample = decode_sample(raw)
+                torch.manual_seed(wds.utils.make_seed(seed, rank, sid, pos))
+                image = transform(sample["image"])
+                text = tokenizer(sample["text"])[0]
+            except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
+                bad += 1
+                log.warning("skipped bad sample %s in %s: %r", raw.get("__key__"), raw.get("__url__"), exn)
+                continue
+            yield {"image": image, "text": text, "key": sample["__key__"], "stream": sid, "pos": pos,
+                   "skipped": bad + _TAR_ERRORS["count"]}
+
     dataset = wds.DataPipeline(
-        *shard_stages(urls, spec.mode, seed, max(1, workers)),
+        *shard_stages(urls, spec.mode, seed, rank, world, stream),
         wds.tarfile_to_samples(handler=log_and_continue),
-        _seeded_shuffle(spec.shuffle_buffer, seed),
-        wds.map(_decode_sample, handler=log_and_continue),
-        wds.map(to_training, handler=log_and_continue),
+        shuffle,
+        decode_stream,
         wds.batched(spec.batch_size, partial=False, collation_fn=wds.filters.default_collation_fn),
     )
-    per_worker = -(-spec.batches_per_epoch // max(1, workers))  # ceil: with_epoch counts per worker
-    dataset = dataset.with_epoch(per_worker)
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=False, pin_memory=False)
+    per_stream = -(-spec.batches_per_epoch // streams)  # ceil: with_epoch counts per worker
+    loader = wds.WebLoader(dataset.with_epoch(per_stream), batch_size=None, shuffle=False,
+                           num_workers=max(0, spec.workers), persistent_workers=False, pin_memory=False)
     return loader.with_epoch(spec.batches_per_epoch)

@@ -569,6 +569,8 @@ def run_cli(args) -> tuple[dict, str, str, str]:
             "test_split": args.test_split, "uncertain": args.uncertain, "missing": args.missing,
             "fractions": fractions, "seeds": seeds, "C": C, "device": device}
     json_path, md_path, md = write_reports(results, args.out, extra=info, digits=args.digits)
+    from mlip_ds.eval.plots import plot_label_efficiency
+    plot_label_efficiency(results, os.path.join(args.out, "probe.png"))
     return results, json_path, md_path, md
 
 
@@ -580,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     print(md)
-    print(f"[linear_probe] wrote {json_path} and {md_path}", file=sys.stderr)
+    print(f"[linear_probe] wrote {json_path}, {md_path} and probe.png", file=sys.stderr)
     return 0
 
 

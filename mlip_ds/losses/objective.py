@@ -1,0 +1,90 @@
+"""The MLIP objective: L = λg·(L_global + L_div) + λl·L_local + λc·L_category + λm·L_itm + λs·L_swap.
+
+Every term has an on/off switch and a weight (all 1.0 by default, MGCA's defaults); with only the
+global term on it is a plain CLIP/ConVIRT baseline. The other fields hold the temperatures and
+switches of the parts (docs/mlip_method.md); fields are plain bool/int/float/str so the config
+module can turn them into command-line flags like the rest of the run configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TERMS = ("global", "divergence", "local", "category", "itm", "swap")
+
+
+@dataclass
+class ObjectiveConfig:
+    use_global: bool = field(default=True, metadata={"help": "global image-report InfoNCE"})
+    use_divergence: bool = field(default=True, metadata={"help": "divergence (EMA) encoders' cross terms"})
+    use_local: bool = field(default=True, metadata={"help": "token-knowledge-patch local alignment"})
+    use_category: bool = field(default=True, metadata={"help": "prototype (Sinkhorn) category-level loss"})
+    use_itm: bool = field(default=True, metadata={"help": "image-text matching with hard negatives"})
+    use_swap: bool = field(default=True, metadata={"help": "text-swapping prediction"})
+    lambda_global: float = field(default=1.0, metadata={"help": "λg, weight of global + divergence"})
+    lambda_local: float = field(default=1.0, metadata={"help": "λl"})
+    lambda_category: float = field(default=1.0, metadata={"help": "λc"})
+    lambda_itm: float = field(default=1.0, metadata={"help": "λm"})
+    lambda_swap: float = field(default=1.0, metadata={"help": "λs"})
+    # global / false negatives
+    false_negatives: str = field(default="drop", metadata={
+        "help": "same-knowledge-category pairs in the global loss: 'off' (plain InfoNCE), 'drop' or 'soft'"})
+    false_negative_match: str = field(default="exact", metadata={"help": "'exact' category set or 'overlap'"})
+    soft_weight: float = field(default=0.5, metadata={"help": "target weight of a same-category pair ('soft')"})
+    # divergence encoders
+    ema_m0: float = field(default=0.99, metadata={"help": "EMA momentum at step 0 (cosine rise)"})
+    ema_m1: float = field(default=0.999, metadata={"help": "EMA momentum at the last step"})
+    # local
+    local_temperature: float = field(default=0.1, metadata={"help": "token-level InfoNCE temperature"})
+    local_heads: int = field(default=4, metadata={"help": "heads of the TKP cross-attentions"})
+    local_dim: int = field(default=128, metadata={"help": "width of the local (token/patch) space"})
+    local_knowledge: bool = field(default=True, metadata={"help": "tokens attend to knowledge before patches"})
+    # category
+    num_prototypes: int = field(default=500, metadata={"help": "K prototypes"})
+    proto_temperature: float = field(default=0.2, metadata={"help": "swapped-prediction temperature"})
+    sinkhorn_eps: float = field(default=0.05, metadata={"help": "Sinkhorn entropy ε"})
+    sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn iterations"})
+    freeze_prototypes_epochs: int = field(default=1, metadata={"help": "epochs with frozen prototypes"})
+    prior_mix: float = field(default=0.3, metadata={"help": "weight of the category co-occurrence prior in the Sinkhorn target (0: off)"})
+    # fusion / proxy tasks
+    tucker_rank_v: int = 32
+    tucker_rank_t: int = 32
+    tucker_rank_k: int = 16
+    tucker_out: int = field(default=256, metadata={"help": "Tucker fusion output width"})
+    swap_prob: float = field(default=0.5, metadata={"help": "probability of swapping a report"})
+    swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
+
+    def enabled(self, name: str) -> bool:
+        return getattr(self, f"use_{name}")
+
+    def weight(self, name: str) -> float:
+        key = {"global": "global", "divergence": "global", "local": "local", "category": "category",
+               "itm": "itm", "swap": "swap"}[name]
+        return getattr(self, f"lambda_{key}")
+
+
+def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the enabled terms and a dict of detached values for logging.
+
+    ``terms`` maps names of ``TERMS`` to scalar losses; an enabled term missing from it is an error
+    (a silent zero would hide an integration bug), a disabled term present in it is ignored. Logged
+    names: ``loss/<term>`` (unweighted) and ``loss/total``.
+    """
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise KeyError(f"unknown loss terms {sorted(unknown)}; expected some of {TERMS}")
+    total, named = None, {}
+    for name in TERMS:
+        if not cfg.enabled(name):
+            continue
+        if name not in terms:
+            raise KeyError(f"loss term '{name}' is enabled (use_{name}) but was not computed")
+        value = terms[name]
+        named[f"loss/{name}"] = value.detach()
+        weighted = cfg.weight(name) * value
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("every loss term is switched off")
+    named["loss/total"] = total.detach()
+    return total, named

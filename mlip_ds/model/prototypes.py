@@ -1,0 +1,112 @@
+"""Category prototypes and Sinkhorn-Knopp assignments (MLIP sec. 3, SwAV/MGCA).
+
+K learnable, L2-normalised prototypes score each embedding; Sinkhorn-Knopp turns the scores of the
+whole (global) batch into soft assignments that use every prototype equally (no collapse). When
+torch.distributed is initialised, the sums are all-reduced as in SwAV's ``distributed_sinkhorn``, so
+each rank gets the rows of the assignment that one rank holding the global batch would compute.
+
+Knowledge guidance (our choice): a co-occurrence table between knowledge categories and prototypes,
+accumulated from the assignments, gives a prior that the Sinkhorn target can be mixed with, so that
+samples of the same knowledge category are pulled to the same prototypes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _dist():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class Prototypes(nn.Module):
+    """``num_prototypes`` x ``dim`` prototype vectors, normalised in the forward (cosine scores).
+
+    ``frozen = True`` (MGCA freezes them for the first epoch) detaches the weights in the forward, so
+    they get no gradient while the parameter set stays the same (what DeepSpeed needs); exclude them
+    from weight decay or keep the optimiser from touching them while frozen.
+    """
+
+    def __init__(self, dim: int, num_prototypes: int = 500):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_prototypes, dim), dim=-1))
+        self.frozen = False
+
+    def freeze(self, frozen: bool = True) -> "Prototypes":
+        self.frozen = frozen
+        return self
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Renormalise the stored weights (SwAV does it after each optimiser step)."""
+        self.weight.copy_(F.normalize(self.weight, dim=-1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine scores (B, K) of the (B, dim) features against the prototypes."""
+        w = self.weight.detach() if self.frozen else self.weight
+        return F.normalize(features, dim=-1) @ F.normalize(w, dim=-1).T
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """Soft assignments Q (B_local, K) from prototype scores, SwAV's (distributed) Sinkhorn-Knopp.
+
+    Normalisation, over the global batch of B samples: every row of Q sums to 1 (each sample is one
+    unit of mass, exact), and every prototype column sums to B/K (equal use, reached approximately
+    after ``iters`` iterations). With torch.distributed initialised, the global batch is the union
+    of all ranks' rows and the sums are all-reduced.
+    """
+    s = scores.detach().float() / eps
+    s_max = _all_reduce(s.max().reshape(1).clone(), dist.ReduceOp.MAX if _dist() else None)
+    q = torch.exp(s - s_max).T  # (K, B): exponent shifted by the global max, which cancels below
+    k = q.shape[0]
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    b = _all_reduce(b)  # global batch size
+    q /= _all_reduce(q.sum().reshape(1))
+    for _ in range(iters):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)  # each sample: mass 1/B (column sums are local)
+        q /= b
+    q *= b
+    return q.T
+
+
+class CooccurrencePrior(nn.Module):
+    """EMA table (C categories x K prototypes) of how often each knowledge category is assigned to each
+    prototype; ``prior(cats)`` turns it into a per-sample distribution over prototypes.
+
+    ``update`` all-reduces the batch counts so every rank keeps the same table.
+    """
+
+    def __init__(self, num_categories: int, num_prototypes: int, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("counts", torch.zeros(num_categories, num_prototypes))
+
+    @torch.no_grad()
+    def update(self, cats: torch.Tensor, assignments: torch.Tensor) -> None:
+        """``cats`` (B, C) multi-hot, ``assignments`` (B, K) Sinkhorn codes of the local rows."""
+        batch = _all_reduce(cats.float().T @ assignments.float())
+        self.counts.mul_(self.decay).add_(batch, alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def prior(self, cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) mean of the sample's categories' prototype distributions, and (B,) bool: has a prior
+        (at least one category with counts). Rows without a prior are uniform."""
+        per_cat = self.counts / self.counts.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        c = cats.float()
+        mass = c @ self.counts.sum(dim=1)
+        p = c @ per_cat
+        has = mass > 0
+        p = torch.where(has.unsqueeze(1), p / p.sum(dim=1, keepdim=True).clamp(min=1e-12),
+                        torch.full_like(p, 1.0 / p.shape[1]))
+        return p, has
