@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
             image_features, text_features, logit_scale = engine(images, texts)
             loss = global_contrastive_loss(image_features.float(), text_features.float(),
                                            logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
-            if state["step"] + 1 in injected_nan:
+            if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
             # One small all-reduce per micro-step: every rank agrees on skipping a non-finite loss and
             # on stopping for a signal, so no rank ever waits in a collective the others skipped.
@@ -276,7 +276,7 @@ class StopRequest:
 
 
 def _injected_nan_steps() -> set[int]:
-    """Test hook: MLIP_FAULT_INJECT=nan_at:5,6 makes the loss of those steps NaN."""
+    """Test hook: MLIP_FAULT_INJECT=nan_at:5,6 makes the loss of the 5th and 6th micro-batches NaN."""
     spec = os.environ.get("MLIP_FAULT_INJECT", "")
     return {int(s) for s in spec[len("nan_at:"):].split(",")} if spec.startswith("nan_at:") else set()
 

@@ -38,3 +38,31 @@ def synthetic_shards(tmp_path_factory):
                         "--image-size", "64", "--samples-per-shard", "48"], check=True, cwd=ROOT,
                        capture_output=True, timeout=300)
     return {name: base / name for name in sets}
+
+
+def train_env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def deepspeed_cmd(args, ranks=2, ds_config="zero2.json"):
+    """The user's command: deepspeed --num_gpus N mlip_ds/train.py --deepspeed_config ... ARGS."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config",
+            str(ROOT / "ds_configs" / ds_config)] + [str(a) for a in args]
+
+
+def read_train_log(out_dir):
+    """{step: record} from train_log.jsonl; a step logged twice (before a kill and after the
+    resume) keeps its last record."""
+    import json
+    records = {}
+    path = Path(out_dir) / "train_log.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                records[rec["step"]] = rec
+    return records

@@ -98,3 +98,37 @@ def test_resumed_loader_replays_the_rest_of_the_epoch_exactly(synthetic_shards, 
     assert [b["key"] for b in rest] == [b["key"] for b in full[stop_after:]]
     for a, b in zip(rest, full[stop_after:]):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def _write_corrupt_shards(root):
+    """A shard with every kind of bad sample, and a truncated shard."""
+    good = io.BytesIO()
+    Image.new("L", (32, 32), 100).save(good, format="png")
+    meta = json.dumps({"id": "x", "sections": {"findings": "", "impression": ""}, "entities": [],
+                       "labels": {}, "meta": {}})
+    with wds.TarWriter(str(root / "shard-000000.tar")) as w:
+        for i in range(8):
+            w.write({"__key__": f"good{i}", "png": good.getvalue(), "txt": "no effusion.", "json": meta})
+        w.write({"__key__": "truncated_image", "png": good.getvalue()[:40], "txt": "x", "json": meta})
+        w.write({"__key__": "bad_json", "png": good.getvalue(), "txt": "x", "json": b"{not json"})
+        w.write({"__key__": "missing_txt", "png": good.getvalue(), "json": meta})
+        w.write({"__key__": "bad_utf8", "png": good.getvalue(), "txt": b"\xff\xfe", "json": meta})
+    with wds.TarWriter(str(root / "shard-000001.tar")) as w:
+        for i in range(8):
+            w.write({"__key__": f"tail{i}", "png": good.getvalue(), "txt": "no effusion.", "json": meta})
+    data = (root / "shard-000001.tar").read_bytes()
+    (root / "shard-000001.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated tar
+
+
+def test_every_kind_of_corrupt_data_is_skipped_counted_and_logged(tmp_path, caplog):
+    _write_corrupt_shards(tmp_path)
+    spec = LoaderSpec(str(tmp_path), batch_size=4, batches_per_epoch=6, image_size=32, mean=(0.5,) * 3,
+                      std=(0.25,) * 3, workers=0, shuffle_buffer=1, seed=0, mode="split")
+    batches = list(make_train_loader(spec, build_tokenizer(load_model_config("tiny"))))
+    keys = {k for b in batches for k in b["key"]}
+    assert keys <= {f"good{i}" for i in range(8)} | {f"tail{i}" for i in range(8)}
+    assert int(batches[-1]["skipped"][-1]) >= 4  # the four bad samples of shard 0 (tar errors come on top)
+    messages = " ".join(r.message for r in caplog.records)
+    for key in ("truncated_image", "bad_json", "missing_txt", "bad_utf8"):
+        assert key in messages and "shard-000000.tar" in messages
+    assert "unreadable shard data" in messages and "shard-000001.tar" in messages

@@ -166,8 +166,9 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
                 continue  # consumed before the checkpoint: skipped without decoding
             try:
                 sample = decode_sample(raw)
-                torch.manual_seed(wds.utils.make_seed(seed, rank, sid, pos))
-                image = transform(sample["image"])
+                with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout) untouched
+                    torch.manual_seed(wds.utils.make_seed(seed, rank, sid, pos))
+                    image = transform(sample["image"])
                 text = tokenizer(sample["text"])[0]
             except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
                 bad += 1
@@ -184,6 +185,9 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
         wds.batched(spec.batch_size, partial=False, collation_fn=wds.filters.default_collation_fn),
     )
     per_stream = -(-spec.batches_per_epoch // streams)  # ceil: with_epoch counts per worker
+    # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
+    # resumed run (which creates it at another step) would get other dropout masks.
     loader = wds.WebLoader(dataset.with_epoch(per_stream), batch_size=None, shuffle=False,
-                           num_workers=max(0, spec.workers), persistent_workers=False, pin_memory=False)
+                           num_workers=max(0, spec.workers), persistent_workers=False, pin_memory=False,
+                           generator=torch.Generator().manual_seed(seed))
     return loader.with_epoch(spec.batches_per_epoch)

@@ -46,7 +46,8 @@ class ObjectiveConfig:
     sinkhorn_eps: float = field(default=0.05, metadata={"help": "Sinkhorn entropy ε"})
     sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn iterations"})
     freeze_prototypes_epochs: int = field(default=1, metadata={"help": "epochs with frozen prototypes"})
-    prior_mix: float = field(default=0.3, metadata={"help": "weight of the category co-occurrence prior in the Sinkhorn target (0: off)"})
+    prior_mix: float = field(default=0.3, metadata={
+        "help": "weight of the category co-occurrence prior in the Sinkhorn target (0: off)"})
     # fusion / proxy tasks
     tucker_rank_v: int = 32
     tucker_rank_t: int = 32

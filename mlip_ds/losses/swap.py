@@ -4,8 +4,9 @@ With probability ``p`` (0.5) a report is altered with material from another repo
 the swap head predicts whether it was. Two ways, both leaving the report's negation words in place so
 the task cannot be solved by grammar alone (the image must be consulted):
 * ``mentions``: one finding concept of the report (an affirmed one when there is one; all its mention
-  spans, so FINDINGS and IMPRESSION stay consistent) is replaced by the surface form of a concept of the partner report that the report
-  does not mention; the words around the span, negations included, are untouched.
+  spans, so FINDINGS and IMPRESSION stay consistent) is replaced by the surface form of a concept of
+  the partner report that the report does not mention; the words around the span, negations
+  included, are untouched.
 * ``sentence``: one sentence is replaced by a different partner sentence of the same polarity (both
   negated or both affirmative), so the number of negated statements is unchanged.
 ``auto`` tries mentions first, then a sentence. Labels are 1 exactly when the text was changed.
@@ -114,11 +115,12 @@ def _swap_sentence(text, ents, ptext, pents, rng):
 
 
 def swap_texts(texts: list[str], entities: list[list[dict]], p: float = 0.5, mode: str = "auto",
-               rng: random.Random | None = None, key: str = "cui", tries: int = 3) -> SwapResult:
+               rng: random.Random | None = None, key: str = "cui", tries: int | None = None) -> SwapResult:
     """Swap each report with probability ``p`` using another report of the batch (see module doc).
 
     ``entities[i]``: the report's mentions, {start, end, negated, <key>, ...} as in the shard schema.
-    A selected report that no partner can change (after ``tries`` partners) stays as is, label 0.
+    Partners are tried in random order (at most ``tries``, default all); a selected report that no
+    partner can change (e.g. it already mentions every concept of the batch) stays as is, label 0.
     """
     if mode not in ("auto", "mentions", "sentence"):
         raise ValueError(f"swap mode must be 'auto', 'mentions' or 'sentence', got {mode!r}")
@@ -129,7 +131,7 @@ def swap_texts(texts: list[str], entities: list[list[dict]], p: float = 0.5, mod
         if n < 2 or rng.random() >= p:
             continue
         others = [j for j in range(n) if j != i]
-        for j in rng.sample(others, min(tries, len(others))):
+        for j in rng.sample(others, len(others) if tries is None else min(tries, len(others))):
             res, kind = None, ""
             if mode in ("auto", "mentions"):
                 res, kind = _swap_mentions(texts[i], entities[i], texts[j], entities[j], rng, key), "mentions"

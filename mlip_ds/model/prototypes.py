@@ -65,7 +65,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     of all ranks' rows and the sums are all-reduced.
     """
     s = scores.detach().float() / eps
-    s_max = _all_reduce(s.max().reshape(1).clone(), dist.ReduceOp.MAX if _dist() else None)
+    s_max = _all_reduce(s.max().reshape(1).clone(), dist.ReduceOp.MAX)
     q = torch.exp(s - s_max).T  # (K, B): exponent shifted by the global max, which cancels below
     k = q.shape[0]
     b = torch.tensor(float(q.shape[1]), device=q.device)

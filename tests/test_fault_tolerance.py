@@ -1,0 +1,113 @@
+"""Never lose a run: kill -9 and resume step-exactly, a kill inside a save, non-finite losses,
+and a preemption signal, each on a real 2-rank DeepSpeed CPU run."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import ROOT, deepspeed_cmd, read_train_log, train_env
+
+
+def _args(shards, out, **over):
+    opts = {"--train-shards": shards, "--out-dir": out, "--batch-size": 4, "--samples-per-epoch": 96,
+            "--epochs": 1, "--save-every": 4, "--log-every": 1, "--workers": 2, "--warmup-steps": 2,
+            "--lr": 1e-3, "--seed": 5}
+    opts.update(over)
+    return [x for kv in opts.items() for x in kv] + ["--deterministic"]
+
+
+def _run(args, env=None, timeout=300):
+    return subprocess.run(deepspeed_cmd(args), cwd=ROOT, env=env or train_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
+def _wait_for_step(out, step, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if max(read_train_log(out), default=0) >= step:
+            return
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_kill9_then_resume_gives_the_uninterrupted_losses(synthetic_shards, tmp_path):
+    shards = synthetic_shards["train"]
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    _ok(_run(_args(shards, ref_out)))
+    reference = read_train_log(ref_out)
+    assert sorted(reference) == list(range(1, 13))
+
+    proc = subprocess.Popen(deepspeed_cmd(_args(shards, out)), cwd=ROOT, env=train_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_step(out, 6, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(read_train_log(out))
+    assert killed_at < 12
+    resumed = _run(_args(shards, out) + ["--resume", "latest"])
+    _ok(resumed)
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert tag == "step00000012"
+    after = read_train_log(out)
+    resumed_from = int(resumed.stderr.split("resumed from")[1].split("step")[1][:8])
+    assert 4 <= resumed_from <= killed_at
+    for step in range(resumed_from + 1, 13):
+        a, b = reference[step]["loss/total"], after[step]["loss/total"]
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+        assert reference[step]["lr"] == after[step]["lr"]
+    assert json.loads((out / "summary.json").read_text())["step"] == 12
+
+
+def test_kill_inside_a_save_leaves_a_loadable_latest(synthetic_shards, tmp_path):
+    out = tmp_path / "run"
+    r = _run(_args(synthetic_shards["train"], out), env=train_env(MLIP_FAULT_INJECT="kill_in_save:8"))
+    assert r.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step00000004"
+    assert (ckpts / "step00000008").is_dir() and not (ckpts / "step00000008" / "COMPLETE").exists()
+    resumed = _run(_args(synthetic_shards["train"], out) + ["--resume", "latest"])
+    _ok(resumed)
+    assert "step00000004" in resumed.stderr.split("resumed from")[1].splitlines()[0]
+    assert json.loads((out / "summary.json").read_text())["step"] == 12
+    assert not (ckpts / "step00000008").exists() or (ckpts / "step00000008" / "COMPLETE").exists()
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(synthetic_shards, tmp_path):
+    out = tmp_path / "nan"
+    r = _run(_args(synthetic_shards["train"], out, **{"--epochs": 1}),
+             env=train_env(MLIP_FAULT_INJECT="nan_at:3"))
+    _ok(r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nan_skipped"] == 1 and summary["step"] == 11  # one update skipped on both ranks
+    assert "non-finite loss at step 3" in r.stderr
+
+    out = tmp_path / "nan_stop"
+    r = _run(_args(synthetic_shards["train"], out, **{"--max-nan-steps": 3}),
+             env=train_env(MLIP_FAULT_INJECT="nan_at:3,4,5"))
+    assert r.returncode != 0
+    assert "3 non-finite losses in a row" in r.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(deepspeed_cmd(_args(synthetic_shards["train"], out, **{"--save-every": 0})),
+                            cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_for_step(out, 5, proc)
+    ranks = subprocess.run(["pgrep", "-f", f"train.py --local_rank=.*{out}"], capture_output=True, text=True)
+    for pid in ranks.stdout.split():
+        os.kill(int(pid), signal.SIGUSR1)  # what SLURM sends before the time limit
+    output, _ = proc.communicate(timeout=120)
+    assert "stopped by SIGUSR1" in output
+    tag = (out / "checkpoints" / "latest").read_text()
+    stopped_at = int(tag[4:])
+    assert 5 <= stopped_at < 12
+    _ok(_run(_args(synthetic_shards["train"], out) + ["--resume", "latest"]))
+    assert json.loads((out / "summary.json").read_text())["step"] == 12
