@@ -254,7 +254,26 @@ def _parse_label_cell(v: str) -> bool:
         return False
 
 
-class CsvLabelledDataset(Dataset):
+class _ImageFileDataset(Dataset):
+    """Images listed by path with a label matrix; a corrupt image is skipped and recorded."""
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            image = _load_image(path)
+            if self.transform is not None:
+                image = self.transform(image)
+        except Exception as exn:  # noqa: BLE001
+            item = _warn_skip(path, str(i), f"{type(exn).__name__}: {exn}")
+            self.skipped.append(item)
+            return item
+        return image, self.labels[i].copy()
+
+
+class CsvLabelledDataset(_ImageFileDataset):
     """Rows of a CSV: one image-path column + label columns.
 
     ``image_column``: default the first of ``path, image_path, image, img_path, filename, file``.
@@ -317,20 +336,6 @@ class CsvLabelledDataset(Dataset):
     def __repr__(self):
         return f"CsvLabelledDataset({self.csv_path!r}, {len(self)} rows, labels={self.label_names})"
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        path = self.paths[i]
-        try:
-            image = _load_image(path)
-            if self.transform is not None:
-                image = self.transform(image)
-        except Exception as exn:  # noqa: BLE001
-            item = _warn_skip(path, str(i), f"{type(exn).__name__}: {exn}")
-            self.skipped.append(item)
-            return item
-        return image, self.labels[i].copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +349,7 @@ def _default_positive(class_names: Sequence[str]) -> str:
     return sorted(class_names)[1]
 
 
-class FolderLabelledDataset(Dataset):
+class FolderLabelledDataset(_ImageFileDataset):
     """``root/<class>/<image>``; classes are the sub-folders in sorted order.
 
     Two classes: binary, ``label_names == [positive_class]``. More: multi-class,
@@ -400,20 +405,6 @@ class FolderLabelledDataset(Dataset):
     def __repr__(self):
         return f"FolderLabelledDataset({self.root!r}, {len(self)} images, classes={self.class_names})"
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        path = self.paths[i]
-        try:
-            image = _load_image(path)
-            if self.transform is not None:
-                image = self.transform(image)
-        except Exception as exn:  # noqa: BLE001
-            item = _warn_skip(path, str(i), f"{type(exn).__name__}: {exn}")
-            self.skipped.append(item)
-            return item
-        return image, self.labels[i].copy()
 
 
 # ---------------------------------------------------------------------------------------------
