@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="MLIP (CVPR 2024) chest X-ray / report pretraining with DeepSpeed, WebDataset and open_clip",
     packages=find_packages(include=["mlip_ds", "mlip_ds.*"]),
-    package_data={"mlip_ds": ["model/configs/*.json", "model/text_models/*/*"]},
+    package_data={"mlip_ds": ["model/configs/*.json", "model/text_models/*/*", "knowledge/kb_data/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -1,0 +1,1 @@
+"""Medical knowledge: the chest-radiograph knowledge base (kb.py), UMLS import (umls.py)."""
