@@ -24,6 +24,11 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        # Entity linking (mlip_ds/knowledge); scispacy pins numpy<2, which torch accepts.
+        "scispacy==0.6.2",
+        "spacy==3.8.18",
+        "nmslib-metabrainz==2.1.3",
+        "negspacy==1.1.0",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
 )
