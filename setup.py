@@ -30,5 +30,8 @@ setup(
         "nmslib-metabrainz==2.1.3",
         "negspacy==1.1.0",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "cluster": ["submitit==1.5.4"],
+        "test": ["pytest", "pytest-timeout", "submitit==1.5.4"],
+    },
 )
