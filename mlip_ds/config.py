@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from mlip_ds.losses.objective import TERMS, ObjectiveConfig
+
 
 @dataclass
 class DataConfig:
@@ -19,6 +21,10 @@ class DataConfig:
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the shuffle buffer"})
     data_mode: str = field(default="resampled", metadata={
         "help": "'resampled': each rank/worker draws shards with replacement; 'split': disjoint shards per rank and worker"})
+    text_word_dropout: float = field(default=0.1, metadata={
+        "help": "divergence view of a report: word dropout probability (negations and hedges are kept)"})
+    text_sentence_shuffle: bool = field(default=True, metadata={
+        "help": "divergence view of a report: shuffle the sentences within each section"})
 
 
 @dataclass
@@ -59,24 +65,59 @@ class RunConfig:
 
 
 @dataclass
+class KnowledgeConfig:
+    kb: str = field(default="", metadata={
+        "help": "concept vocabulary: a KB JSON Lines file; '' = the packaged chest-radiograph KB; "
+                "'shards' = the concepts in the training shards' entities"})
+    concept_context_length: int = field(default=32, metadata={"help": "tokens of a concept's 'name: definition'"})
+    max_mentions: int = field(default=0, metadata={"help": "concept mentions kept per report (0: all)"})
+
+
+# --objective: which terms are on unless a --use-<term> / --false-negatives flag says otherwise.
+OBJECTIVE_PRESETS = {
+    "clip": {**{f"use_{t}": t == "global" for t in TERMS}, "false_negatives": "off"},
+    "mlip": {**{f"use_{t}": True for t in TERMS}, "false_negatives": "drop"},
+}
+DEFAULT_OBJECTIVE = "clip"
+PRESET_FIELDS = tuple(OBJECTIVE_PRESETS["clip"])
+
+
+def objective_preset(name: str = DEFAULT_OBJECTIVE, **overrides) -> ObjectiveConfig:
+    """The ObjectiveConfig of a preset ('clip': the global InfoNCE baseline; 'mlip': all six terms)."""
+    if name not in OBJECTIVE_PRESETS:
+        raise ValueError(f"unknown objective '{name}': choose one of {sorted(OBJECTIVE_PRESETS)}")
+    return ObjectiveConfig(**{**OBJECTIVE_PRESETS[name], **overrides})
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    objective: ObjectiveConfig = field(default_factory=objective_preset)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_name: str) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_name: str, defaults=None,
+                       preset_fields: tuple[str, ...] = ()) -> None:
+    """One flag per field; ``defaults`` (an instance) gives the default values, else the class's.
+    Fields in ``preset_fields`` default to None ("from the preset"), filled in ``config_from_args``."""
     group = parser.add_argument_group(group_name)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {f.default!r})"
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        if f.name in preset_fields:
+            help_text = f.metadata.get("help", "") + " (default: from --objective)"
+            default = None
+        else:
+            help_text = f.metadata.get("help", "") + f" (default: {default!r})"
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f"{group_name}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=f.default, help=help_text)
+                               default=default, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            group.add_argument(flag, dest=f"{group_name}.{f.name}", type=typ, default=f.default, help=help_text)
+            group.add_argument(flag, dest=f"{group_name}.{f.name}", type=typ, default=default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,14 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="MLIP pretraining with DeepSpeed: deepspeed mlip_ds/train.py --deepspeed_config "
                     "ds_configs/zero2.json --train-shards DIR ...")
     for f in dataclasses.fields(TrainConfig):
-        add_dataclass_args(parser, f.default_factory, f.name)
+        if f.name == "objective":
+            parser.add_argument("--objective", dest="objective_preset", choices=sorted(OBJECTIVE_PRESETS),
+                                default=DEFAULT_OBJECTIVE,
+                                help="'clip': the global image-report InfoNCE baseline; 'mlip': all six MLIP "
+                                     "terms (global, divergence, local, category, itm, swap) with the "
+                                     "knowledge-category false-negative fix; --use-<term>/--no-use-<term> "
+                                     f"switch single terms (default: {DEFAULT_OBJECTIVE})")
+            add_dataclass_args(parser, ObjectiveConfig, "objective", ObjectiveConfig(), PRESET_FIELDS)
+        else:
+            add_dataclass_args(parser, f.default_factory, f.name, f.default_factory())
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
+    cfg.objective = objective_preset(getattr(args, "objective_preset", DEFAULT_OBJECTIVE))
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
+            if section == "objective" and name in PRESET_FIELDS and value is None:
+                continue  # not given: the preset's value
             setattr(getattr(cfg, section), name, value)
     return cfg

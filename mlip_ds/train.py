@@ -1,10 +1,11 @@
-"""DeepSpeed entry point: shards -> batches -> two-tower model -> global InfoNCE -> optimizer step.
+"""DeepSpeed entry point: shards -> batches -> MLIP model -> objective terms -> optimizer step.
 
     deepspeed --num_gpus 2 mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
         --train-shards data/shards --out-dir runs/demo
 
 Reads top to bottom: setup (validate inputs before DeepSpeed starts), build, resume, loop,
-checkpoint, export.
+checkpoint, export. The objective (``--objective clip|mlip``, ``--use-<term>``) decides which parts
+of ``MLIPModel`` exist; with the CLIP preset the model and the loop are the plain two-tower CLIP.
 """
 from __future__ import annotations
 
@@ -34,13 +35,15 @@ from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, mak
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
-from mlip_ds.losses.global_contrast import global_contrastive_loss  # noqa: E402
+from mlip_ds.losses.objective import TERMS, total_loss  # noqa: E402
+from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
+from mlip_ds.model.mlip import (BatchPreparer, MLIPModel, compute_terms, mlip_parts_on, mlip_state,  # noqa: E402
+                                needs)
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
 # open_clip's gather uses torch.distributed.nn.all_gather, which torch 2.14 marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather.*deprecated", category=FutureWarning)
-MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; rerun with --resume latest
 
 
@@ -58,7 +61,7 @@ def parse_args(argv=None):
     return args, config_from_args(args)
 
 
-def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
+def check_inputs(cfg: TrainConfig, ds_config_path: str | None = None) -> tuple[dict, int, ConceptVocab | None]:
     """Everything a user can get wrong, checked before DeepSpeed starts."""
     if not cfg.data.train_shards:
         raise SetupError("--train-shards is required: a shard folder from `python tools/make_shards.py`")
@@ -73,7 +76,50 @@ def check_inputs(cfg: TrainConfig) -> tuple[dict, int]:
         if not manifest.exists():
             raise SetupError("--samples-per-epoch is required when the shards have no manifest.json")
         samples = json.loads(manifest.read_text())["num_samples"]
-    return model_cfg, samples
+    return model_cfg, samples, check_objective(cfg, model_cfg, urls, ds_config_path)
+
+
+def check_objective(cfg: TrainConfig, model_cfg: dict, urls: list[str],
+                    ds_config_path: str | None = None) -> ConceptVocab | None:
+    """The objective's switches and choices, and the concept vocabulary when a term needs it."""
+    o = cfg.objective
+    if ds_config_path and _zero_stage(load_ds_config(ds_config_path)) >= 3:
+        # ZeRO-3 runs the global term (with or without the false-negative fix) and the category term.
+        why = {"divergence": "the EMA encoders are full copies of the towers, updated in place from the online "
+                             "weights, which ZeRO-3 partitions",
+               "local": "the TKP attention and the knowledge encoder return dataclasses, whose tensors "
+                        "ZeRO-3's parameter hooks cannot follow into the backward pass",
+               "itm": "it needs the knowledge encoder (see local)",
+               "swap": "it needs the knowledge encoder (see local)"}
+        off = [t for t in why if o.enabled(t)]
+        if off:
+            raise SetupError(f"ZeRO stage 3 cannot run the {', '.join(off)} term(s): "
+                             + "; ".join(f"{t}: {why[t]}" for t in off)
+                             + ". Use ds_configs/zero2.json or zero2_offload.json, or switch them off ("
+                             + " ".join(f"--no-use-{t}" for t in off) + ")")
+    if not any(o.enabled(t) for t in TERMS):
+        raise SetupError("every loss term is switched off: keep at least one --use-<term> (e.g. --use-global)")
+    for name, value, allowed in (("--false-negatives", o.false_negatives, ("off", "drop", "soft")),
+                                 ("--false-negative-match", o.false_negative_match, ("exact", "overlap")),
+                                 ("--swap-mode", o.swap_mode, ("auto", "mentions", "sentence"))):
+        if value not in allowed:
+            raise SetupError(f"{name} {value!r}: choose one of {list(allowed)}")
+    if o.use_local and isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple)):
+        raise SetupError("the local term needs patch tokens from a ViT image tower; this model's image tower is a "
+                         "ResNet: use a ViT model (tiny, vit-b16) or --no-use-local")
+    if o.use_itm and cfg.data.batch_size < 2:
+        raise SetupError("the ITM term draws hard negatives from the batch: --batch-size must be at least 2")
+    n = needs(o)
+    if not (n["knowledge"] or n["categories"]):
+        return None
+    try:
+        return load_concepts(cfg.knowledge.kb, urls)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"concept vocabulary (--kb {cfg.knowledge.kb!r}): {e}") from e
+
+
+def _zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def set_threads() -> None:
@@ -89,13 +135,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
+        skip = (p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
+                or name.startswith("prototypes."))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train(cfg: TrainConfig, ds_config_path: str) -> dict:
-    model_cfg, samples_per_epoch = check_inputs(cfg)
+    model_cfg, samples_per_epoch, vocab = check_inputs(cfg, ds_config_path)
+    ds_stage = _zero_stage(load_ds_config(ds_config_path))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     set_threads()
@@ -116,12 +164,19 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
 
-    model = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
-                        pretrained_image=cfg.model.pretrained_image or None,
-                        init_temperature=cfg.model.init_temperature)
+    clip = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
+                       pretrained_image=cfg.model.pretrained_image or None,
+                       init_temperature=cfg.model.init_temperature)
     if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        clip.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(model_cfg)
+    # The MLIP parts that the objective switches on (none with --objective clip); EMA copies are
+    # made here, before deepspeed.initialize, and live in the engine's module (saved with it).
+    model = MLIPModel(clip, cfg.objective, num_concepts=len(vocab) if vocab else 0,
+                      num_categories=len(vocab.categories) if vocab else 0,
+                      special_ids=tuple(tokenizer.tokenizer.all_special_ids))
+    preparer = BatchPreparer(cfg.objective, tokenizer, vocab, cfg.knowledge.concept_context_length,
+                             cfg.knowledge.max_mentions)
 
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
@@ -132,15 +187,31 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
                                            model_parameters=param_groups(model, cfg.optim.weight_decay))
     device = engine.device
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    module = engine.module
+    if dtype != torch.float32 and cfg.objective.use_divergence:
+        # EMA weights in fp32: with m = 0.999 a bf16 copy could not move (its step is below bf16's
+        # resolution); their forward runs under autocast.
+        module.ema_visual.float()
+        module.ema_text.float()
+    prior = getattr(module, "prior", None)
+    run_info = {"objective": cfg.objective.__dict__, "concepts": vocab.fingerprint() if vocab else None}
 
     streams = max(1, cfg.data.workers)
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "nan_skipped": 0,
              "skipped_before_epoch": 0, "streams": streams}
     rank_state = {"positions": [0] * streams, "skipped": [0] * streams}
     if cfg.run.resume:
-        loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume)
+        try:
+            loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume)
+        except RuntimeError as e:
+            raise SetupError(f"could not load the checkpoint in {ckpt_dir} into this model: was it saved with "
+                             f"another objective (--objective/--use-<term>), model or concept vocabulary (--kb)? "
+                             f"({str(e)[:400]})") from e
         if loaded:
             client_state, saved_rank_state = loaded
+            if client_state.get("concepts", run_info["concepts"]) != run_info["concepts"]:
+                raise SetupError("the checkpoint was trained with another concept vocabulary (--kb): resume with "
+                                 "the same KB file")
             state.update({k: client_state[k] for k in state if k in client_state})
             rank_state.update({k: saved_rank_state[k] for k in rank_state if k in saved_rank_state})
             if state["streams"] != streams:
@@ -169,12 +240,18 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     injected_nan = _injected_nan_steps()
 
     def save_checkpoint():
-        checkpoint.save(engine, ckpt_dir, state["step"], dict(state), dict(rank_state), cfg.run.keep_last)
+        checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last)
 
+    data_needs = needs(cfg.objective)
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
+        if hasattr(module, "prototypes"):  # MGCA: prototypes frozen for the first epoch(s)
+            module.prototypes.freeze(state["epoch"] < cfg.objective.freeze_prototypes_epochs)
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
                           image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
-                          cfg.data.data_mode)
+                          cfg.data.data_mode, second_view=data_needs["second_view"], raw=data_needs["raw"],
+                          text_word_dropout=cfg.data.text_word_dropout,
+                          text_sentence_shuffle=cfg.data.text_sentence_shuffle,
+                          batch_fn=preparer if preparer.active else None)
         loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
                                    resume_positions=rank_state["positions"])
         t_wait = time.time()
@@ -187,11 +264,10 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
             state["samples_seen"] += global_batch
             window["samples"] += global_batch
 
-            images = batch["image"].to(device, dtype=dtype, non_blocking=True)
-            texts = batch["text"].to(device, non_blocking=True)
-            image_features, text_features, logit_scale = engine(images, texts)
-            loss = global_contrastive_loss(image_features.float(), text_features.float(),
-                                           logit_scale.float().clamp(max=MAX_LOGIT_SCALE))
+            inputs = preparer.to_device(batch, device, dtype)
+            out = engine(**inputs)
+            prior_before = prior.counts.clone() if prior is not None else None
+            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior), cfg.objective)
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
             # One small all-reduce per micro-step: every rank agrees on skipping a non-finite loss and
@@ -199,6 +275,8 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)], device=device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[0] > 0:
+                if prior is not None:  # the skipped step leaves no trace in the co-occurrence table
+                    prior.counts.copy_(prior_before)
                 state["nan_skipped"] += 1
                 nan_in_a_row += 1
                 log.warning("non-finite loss at step %d: step skipped on every rank (%d in a row)",
@@ -211,14 +289,18 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
                         "or resume with --resume latest")
             else:
                 nan_in_a_row = 0
+                boundary = engine.is_gradient_accumulation_boundary()
                 engine.backward(loss)
                 engine.step()
-                if engine.is_gradient_accumulation_boundary():
+                if boundary:
                     state["step"] += 1
+                    after_optimizer_step(module, state["step"], total_steps, ds_stage)
                     progress.update(1)
                     if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                        last_loss = _mean_over_ranks(loss.detach())
-                        _log(writer, state, rank_state, window, last_loss, engine, logit_scale, progress, out_dir)
+                        terms = _mean_over_ranks_dict(named)
+                        last_loss = terms["loss/total"]
+                        _log(writer, state, rank_state, window, terms, engine, out["logit_scale"], progress,
+                             out_dir)
                     if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
                         save_checkpoint()
             if flags[1] > 0 and state["micro_in_epoch"] % accum == 0:
@@ -241,10 +323,13 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
         save_checkpoint()
     export_dir = out_dir / "export"
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
-                                           enabled=ds_config.get("zero_optimization", {}).get("stage", 0) == 3):
+                                           enabled=ds_stage == 3):
         if rank == 0:
-            export_model(engine.module, model_cfg, str(export_dir),
-                         info={"step": state["step"], "samples_seen": state["samples_seen"]})
+            export_model(module.clip_model(), model_cfg, str(export_dir),
+                         info={"step": state["step"], "samples_seen": state["samples_seen"],
+                               "objective": cfg.objective.__dict__})
+            if mlip_parts_on(cfg.objective):
+                export_mlip_state(module, vocab, cfg, export_dir)
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
                "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world}
     if writer:
@@ -253,6 +338,35 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
         print(f"done: {summary}", flush=True)
     dist.barrier()
     return summary
+
+
+def after_optimizer_step(module: MLIPModel, step: int, total_steps: int, ds_stage: int) -> None:
+    """EMA update of the divergence encoders; prototypes back onto the unit sphere (SwAV), in the
+    module and in the optimizer's fp32 master copy (else the next step would undo it)."""
+    module.ema_step(step, total_steps)
+    protos = getattr(module, "prototypes", None)
+    if protos is None or protos.frozen:
+        return
+    weight = protos.weight
+    with torch.no_grad():
+        master = deepspeed.utils.safe_get_full_fp32_param(weight)
+        if master is not None:
+            deepspeed.utils.safe_set_full_fp32_param(weight, torch.nn.functional.normalize(master, dim=-1))
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=ds_stage == 3):
+            protos.normalize_()
+
+
+def export_mlip_state(module: MLIPModel, vocab: ConceptVocab | None, cfg: TrainConfig, export_dir: Path) -> None:
+    """Next to the two-tower export: ``mlip_state.safetensors`` (EMA towers, knowledge encoder, TKP
+    attention, prototypes, fusion and heads) and ``mlip.json`` (objective, concept vocabulary)."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in mlip_state(module).items()}
+    tmp = export_dir / ".mlip_state.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, export_dir / "mlip_state.safetensors")
+    info = {"objective": cfg.objective.__dict__, "knowledge": cfg.knowledge.__dict__,
+            "concepts": vocab.to_json() if vocab else None}
+    checkpoint.atomic_write_text(export_dir / "mlip.json", json.dumps(info, indent=1))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -287,21 +401,24 @@ def _all_ranks_sum(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def _mean_over_ranks(x: torch.Tensor) -> float:
-    x = x.float().clone()
+def _mean_over_ranks_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each value averaged over ranks, in one all-reduce (same keys on every rank)."""
+    names = sorted(values)
+    x = torch.stack([values[k].detach().float().reshape(()) for k in names])
     dist.all_reduce(x)
-    return x.item() / dist.get_world_size()
+    return dict(zip(names, (x / dist.get_world_size()).tolist()))
 
 
-def _log(writer, state, rank_state, window, loss, engine, logit_scale, progress, out_dir) -> None:
+def _log(writer, state, rank_state, window, terms, engine, logit_scale, progress, out_dir) -> None:
     skipped = state["skipped_before_epoch"] + sum(_all_ranks_sum(rank_state["skipped"]))  # collective
     if writer is None:
         return
     elapsed = max(time.time() - window["t0"], 1e-9)
     step = state["step"]
     lr = engine.get_lr()[0]
+    loss = terms["loss/total"]
     temperature = 1.0 / float(logit_scale.detach().float().mean())
-    scalars = {"loss/total": loss, "loss/global": loss, "lr": lr, "temperature": temperature,
+    scalars = {**terms, "lr": lr, "temperature": temperature,
                "perf/samples_per_s": window["samples"] / elapsed,
                "perf/data_wait_fraction": window["wait"] / elapsed,
                "data/skipped": skipped, "train/nan_skipped": state["nan_skipped"]}

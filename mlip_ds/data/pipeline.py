@@ -17,11 +17,13 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import webdataset as wds
 from PIL import Image
 
+from mlip_ds.data.text_augment import augment_report
 from mlip_ds.data.transforms import train_transform
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,14 @@ class LoaderSpec:
     shuffle_buffer: int = 1000
     seed: int = 0
     mode: str = "resampled"        # or "split"
+    # What the MLIP terms need on top of (image, text); off: the batches are exactly the CLIP ones.
+    second_view: bool = False      # image2 / text2: another augmentation of each sample (divergence)
+    raw: bool = False              # report (str), entities (list of dicts), labels (dict) per sample
+    text_word_dropout: float = 0.1     # second text view: word dropout (text_augment.py)
+    text_sentence_shuffle: bool = True  # second text view: shuffle sentences within sections
+    # (batch, seed) -> batch, run in the worker after batching (the trainer's MLIPModel inputs);
+    # ``seed`` comes from the batch's stream position, so its random draws replay on resume.
+    batch_fn: Callable[[dict, int], dict] | None = None
 
 
 def stream_id(start_batch: int, num_streams: int) -> int:
@@ -141,6 +151,12 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
     The trainer keeps the last ``pos`` per stream in its checkpoint; ``resume_positions`` and
     ``start_batch`` replay the epoch exactly from there (skipping raw samples before decoding).
     Augmentation is seeded per sample from (seed, rank, stream, pos), so it replays too.
+
+    ``spec.second_view`` adds ``image2`` (B,3,H,W) and ``text2`` (B,L): the same sample augmented
+    again (its own per-sample seeds; the report perturbed by ``text_augment.augment_report``), and
+    ``spec.raw`` adds the lists ``report``, ``entities`` and ``labels`` (from the sample's json).
+    Neither changes ``image``/``text`` or the stream positions. ``spec.batch_fn`` finishes each
+    batch in the worker (seeded from the batch's stream and position).
     """
     urls = expand_shards(spec.shards)
     seed = wds.utils.make_seed(spec.seed, epoch)
@@ -170,12 +186,37 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
                     torch.manual_seed(wds.utils.make_seed(seed, rank, sid, pos))
                     image = transform(sample["image"])
                 text = tokenizer(sample["text"])[0]
+                extra = extras(sample, sid, pos)
             except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
                 bad += 1
                 log.warning("skipped bad sample %s in %s: %r", raw.get("__key__"), raw.get("__url__"), exn)
                 continue
             yield {"image": image, "text": text, "key": sample["__key__"], "stream": sid, "pos": pos,
-                   "skipped": bad + _TAR_ERRORS["count"]}
+                   "skipped": bad + _TAR_ERRORS["count"], **extra}
+
+    def extras(sample: dict, sid: int, pos: int) -> dict:
+        """What the MLIP terms need: a second view (own seeds: the first view is unchanged) and the
+        raw report, entities and labels."""
+        out = {}
+        if spec.second_view:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(wds.utils.make_seed(seed, rank, sid, pos, 1))
+                out["image2"] = transform(sample["image"])
+            rng = random.Random(wds.utils.make_seed(seed, rank, sid, pos, 2))
+            report = augment_report(sample["text"], rng, spec.text_sentence_shuffle, spec.text_word_dropout)
+            out["text2"] = tokenizer(report)[0]
+        if spec.raw:
+            meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
+            entities = meta.get("entities", [])
+            out["report"] = sample["text"]
+            out["entities"] = [e for e in entities if isinstance(e, dict)] if isinstance(entities, list) else []
+            out["labels"] = meta.get("labels", {}) if isinstance(meta.get("labels", {}), dict) else {}
+        return out
+
+    def finish_batches(src):
+        for batch in src:
+            yield spec.batch_fn(batch, wds.utils.make_seed(seed, rank, int(batch["stream"][-1]),
+                                                           int(batch["pos"][-1]), 3))
 
     dataset = wds.DataPipeline(
         *shard_stages(urls, spec.mode, seed, rank, world, stream),
@@ -183,6 +224,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
         shuffle,
         decode_stream,
         wds.batched(spec.batch_size, partial=False, collation_fn=wds.filters.default_collation_fn),
+        *([finish_batches] if spec.batch_fn is not None else []),
     )
     per_stream = -(-spec.batches_per_epoch // streams)  # ceil: with_epoch counts per worker
     # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
