@@ -141,7 +141,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(cfg: TrainConfig, ds_config_path: str) -> dict:
+def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = None) -> dict:
+    stop = stop or StopRequest()
     model_cfg, samples_per_epoch, vocab = check_inputs(cfg, ds_config_path)
     ds_stage = _zero_stage(load_ds_config(ds_config_path))
     deepspeed.init_distributed()
@@ -235,7 +236,6 @@ def train(cfg: TrainConfig, ds_config_path: str) -> dict:
     global_batch = cfg.data.batch_size * world
     last_loss = float("nan")
     window = {"t0": time.time(), "wait": 0.0, "samples": 0}
-    stop = StopRequest()
     nan_in_a_row = 0
     injected_nan = _injected_nan_steps()
 
@@ -438,8 +438,9 @@ def _asdict(cfg):
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, cfg = parse_args(argv)
+    stop = StopRequest()  # before start-up: a signal that arrives while building still ends in a checkpoint
     try:
-        train(cfg, args.deepspeed_config)
+        train(cfg, args.deepspeed_config, stop)
     except (SetupError, ShardPathError, DSConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
