@@ -331,7 +331,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             if mlip_parts_on(cfg.objective):
                 export_mlip_state(module, vocab, cfg, export_dir)
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
-               "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world}
+               "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world,
+               "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+               "peak_device_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None}
     if writer:
         writer.close()
         checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

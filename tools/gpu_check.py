@@ -1,0 +1,139 @@
+"""One-shot GPU check (issue 8): bf16 ZeRO-2 training of CLIP-only and full MLIP with GPU-sized
+towers, then a table of samples/s, step time, peak memory, MFU and a loss sanity check.
+
+    bash tools/gpu_check.sh                       # on a CUDA machine: ViT-B/16 + BERT-base, random init
+    python tools/gpu_check.py --model tiny --steps 12 --batch-size 8 --ranks 2   # the same path on CPU
+
+MFU = model FLOPs per optimizer step / step time / the chip's dense peak, where the peak is
+measured in this run by a large bf16 matmul (fp32 on CPU) and the model FLOPs are counted
+analytically for the two transformer towers: forward 2·(weights)·(tokens) + attention
+4·layers·tokens²·width, backward twice the forward; full MLIP adds the EMA towers' forward on the
+second view and the text tower's forward+backward on the swapped reports. The heads (TKP attention,
+prototypes, Tucker fusion) are left out, so the MLIP MFU is a slight underestimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def matmul_peak_tflops(device: str) -> float:
+    import torch
+    n, dtype, reps = (8192, torch.bfloat16, 50) if device == "cuda" else (1024, torch.float32, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def tower_flops(model_cfg: dict, batch: int) -> dict:
+    """Analytic forward FLOPs of one micro-batch through each tower (transformer towers)."""
+    v = model_cfg["vision_cfg"]
+    tokens = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    width, layers = v["width"], v["layers"]
+    mlp = v.get("mlp_ratio", 4.0)
+    per_layer = 2 * tokens * (4 * width * width + 2 * mlp * width * width) + 4 * tokens * tokens * width
+    vision = batch * (layers * per_layer + 2 * (tokens - 1) * 3 * v["patch_size"] ** 2 * width)
+    text_dir = Path(model_cfg["text_cfg"]["hf_model_name"])
+    t = json.loads((text_dir / "config.json").read_text())
+    seq, h, tl, inter = model_cfg["text_cfg"].get("context_length", 77), t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"]
+    text = batch * tl * (2 * seq * (4 * h * h + 2 * h * inter) + 4 * seq * seq * h)
+    return {"vision": float(vision), "text": float(text)}
+
+
+def step_flops(model_cfg: dict, batch_per_rank: int, ranks: int, objective: str) -> float:
+    f = tower_flops(model_cfg, batch_per_rank * ranks)
+    flops = 3 * (f["vision"] + f["text"])            # forward + backward of both towers
+    if objective == "mlip":
+        flops += f["vision"] + f["text"]             # EMA towers: forward on the second view
+        flops += 3 * f["text"] * 0.5                 # swapped reports (swap probability 0.5)
+    return flops
+
+
+def run(objective: str, args, shards: Path, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
+           "--master_port", str(29500 + (7 if objective == "mlip" else 3)),
+           str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
+           "--train-shards", str(shards), "--out-dir", str(out), "--model", args.model,
+           "--objective", objective, "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
+           "--samples-per-epoch", str(args.batch_size * args.ranks * args.steps * 4),
+           "--log-every", "1", "--workers", str(args.workers), "--warmup-steps", "2", "--lr", "2e-4",
+           "--save-every", "0"] + args.extra
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{objective} run failed (exit {r.returncode})")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    sps = statistics.median(rec["perf/samples_per_s"] for rec in log[len(log) // 3:])  # after warm-up
+    losses = [rec["loss/total"] for rec in log]
+    k = max(1, len(losses) // 4)
+    return {"samples_per_s": sps, "step_s": args.batch_size * args.ranks / sps, "wall_s": time.time() - t0,
+            "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+            "first": statistics.mean(losses[:k]), "last": statistics.mean(losses[-k:]),
+            "peak_gb": summary.get("peak_device_memory_gb"), "precision": summary.get("precision")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit-b16")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=64, help="per rank")
+    ap.add_argument("--ranks", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--samples", type=int, default=2048, help="synthetic samples in the shards")
+    ap.add_argument("--out", default="runs/gpu_check")
+    ap.add_argument("extra", nargs="*", help="extra train.py flags after --")
+    args = ap.parse_args()
+    import torch
+    from mlip_ds.model.towers import load_model_config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = ROOT / args.out
+    model_cfg = load_model_config(args.model)
+    peak = matmul_peak_tflops(device)
+    shards = out / "shards"
+    if not (shards / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "synthetic", "--out", str(shards),
+                        "--num-samples", str(args.samples), "--image-size", str(model_cfg["preprocess"]["image_size"]),
+                        "--workers", str(max(1, (os.cpu_count() or 2) - 1)), "--quiet", "--overwrite"], check=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    rows = []
+    for objective in ("clip", "mlip"):
+        res = run(objective, args, shards, out / objective)
+        flops = step_flops(model_cfg, args.batch_size, args.ranks, objective)
+        mfu = flops / res["step_s"] / (peak * 1e12 * args.ranks)
+        rows.append((objective, res, mfu))
+    print(f"\n# GPU check: {name}, {args.ranks} rank(s), model {args.model}, batch {args.batch_size}/rank, "
+          f"{args.steps} steps, ZeRO-2, measured peak {peak:.1f} TFLOP/s per device ({'bf16' if device == 'cuda' else 'fp32'})\n")
+    print("| objective | precision | samples/s | step (s) | peak mem (GiB) | MFU | loss first→last | finite |")
+    print("|---|---|---:|---:|---:|---:|---|---|")
+    ok = True
+    for objective, r, mfu in rows:
+        mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
+        print(f"| {objective} | {r['precision']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | {mem} | "
+              f"{100 * mfu:.1f}% | {r['first']:.3f}→{r['last']:.3f} | {r['finite']} |")
+        ok &= r["finite"] and r["last"] < r["first"]
+    print(f"\nlosses finite and decreasing: {ok}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
