@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--meta-cols", type=_col_list, default=None,
                    help="comma-separated columns copied as strings into the sample's meta (e.g. Sex,Age)")
     c.add_argument("--id-col", default=None, help="column with the sample id (default: the image path without extension)")
+    c.add_argument("--link", action="store_true",
+                   help="link each report to the knowledge base: fills entities, and labels for rows without label values")
     c.add_argument("--strict", action="store_true",
                    help="stop with exit code 2 at the first bad row instead of skipping it")
     return p
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
 
     created_with = {"tool": "tools/make_shards.py", "mlip_ds_version": __version__}
     created_with.update({k: v for k, v in vars(args).items()})
-    encode = sw.EncodeOptions(image_size=args.image_size, fmt=args.format, jpeg_quality=args.jpeg_quality)
+    encode = sw.EncodeOptions(image_size=args.image_size, fmt=args.format, jpeg_quality=args.jpeg_quality,
+                              link=getattr(args, "link", False))
 
     if args.source == "synthetic":
         opts = sw.SyntheticOptions(encode=encode, seed=args.seed, gen_size=args.gen_size or args.image_size)
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
             _fail(str(e))
         except (OSError, UnicodeError, ValueError, csv.Error) as e:  # unreadable CSV, csv.Error
             _fail(f"{args.csv}: cannot read the CSV ({e})")
+        if encode.link and not label_names:
+            from mlip_ds.knowledge.kb import load_kb
+            label_names = list(load_kb().labels)
         results = sw.csv_results(rows, encode, args.workers, total=len(rows))
         total, source = len(rows), "csv"
 

@@ -136,6 +136,19 @@ class EncodeOptions:
     image_size: int = 256
     fmt: str = "png"
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    link: bool = False  # fill entities with the knowledge linker (and labels where the row has none)
+
+
+_LINKER = {}
+
+
+def _link(text: str) -> tuple[list[dict], dict]:
+    """Entities and CheXpert-style labels of a report; the linker is built once per process."""
+    from mlip_ds.knowledge.linker import ReportLinker, labels_from_entities
+    if "linker" not in _LINKER:
+        _LINKER["linker"] = ReportLinker()
+    entities = _LINKER["linker"].link(text)
+    return entities, labels_from_entities(entities)
 
 
 # ---- synthetic source
@@ -234,7 +247,9 @@ def process_csv_row(opts: EncodeOptions, r) -> Result:
         meta["report_file"] = r.report_ref
     meta["orig_size"] = list(orig)
     meta["size"] = list(img.size)
-    doc = {"id": r.id, "sections": split_sections(text), "entities": [], "labels": dict(r.labels), "meta": meta}
+    entities, labels = _link(text) if opts.link else ([], {})
+    doc = {"id": r.id, "sections": split_sections(text), "entities": entities,
+           "labels": dict(r.labels) or labels, "meta": meta}
     sample = make_sample(r.key, encode_image(img, opts.fmt, opts.jpeg_quality), opts.fmt, text, doc)
     return Result(row=r.row, id=r.id, sample=sample)
 
