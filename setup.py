@@ -29,6 +29,9 @@ setup(
         "spacy==3.8.18",
         "nmslib-metabrainz==2.1.3",
         "negspacy==1.1.0",
+        # Real sources (make_shards: MIMIC-CXR / Open-i / any DICOM) and transfer metrics.
+        "pydicom==3.0.2",
+        "pycocotools==2.0.11",
     ],
     extras_require={
         "cluster": ["submitit==1.5.4"],

@@ -104,3 +104,34 @@ def test_zero3_refuses_the_terms_it_cannot_run_before_deepspeed_starts(synthetic
     assert "ZeRO stage 3 cannot run the divergence, local, itm, swap term(s)" in r.stderr
     assert "zero2.json" in r.stderr and "--no-use-divergence" in r.stderr
     assert "DeepSpeed info" not in r.stdout + r.stderr
+
+
+def test_grounding_maps_from_the_mlip_export(reference, synthetic_shards, tmp_path, capsys):
+    """The export reloads as the trained MLIP model (its state equal to the file) and gives one
+    token-to-patch distribution per report token, drawn as PNGs for the report's findings."""
+    from safetensors.torch import load_file
+
+    from mlip_ds.eval import grounding
+    export = str(reference / "export")
+    model, meta, vocab = grounding.load_mlip(export)
+    state = load_file(str(reference / "export" / "mlip_state.safetensors"))
+    loaded = model.state_dict()
+    assert state and all(torch.equal(loaded[k], v) for k, v in state.items())
+    samples = grounding.read_samples(synthetic_shards["train"], 3)
+    maps = grounding.grounding_maps(model, meta, vocab, samples)
+    for (attn, tokens), s in zip(maps, samples):
+        assert attn.shape[0] == len(tokens)
+        n_words = sum(1 for t in tokens if t not in ("[PAD]", "[SEP]"))
+        assert torch.allclose(attn[:n_words].sum(-1), torch.ones(n_words), atol=1e-4)
+        assert attn.min() >= 0
+    out = tmp_path / "maps"
+    assert grounding.main(["--encoder", export, "--data", str(synthetic_shards["train"]), "--num", "2",
+                           "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 5000 for p in pngs)
+    # A two-tower export without the MLIP state: a clear error, exit 2.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((reference / "export" / "config.json").read_text())
+    assert grounding.main(["--encoder", str(bare), "--data", str(synthetic_shards["train"])]) == 2
+    assert "mlip_state" in capsys.readouterr().err
