@@ -48,6 +48,10 @@ class OptimConfig:
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps before the cosine decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    adam_impl: str = field(default="auto", metadata={
+        "help": "AdamW kernel when the DeepSpeed config names AdamW: auto (CUDA: torch's fused; CPU: torch's "
+                "foreach), torch-fused, torch, deepspeed (DeepSpeed's FusedAdam, JIT-compiled on first use)",
+        "choices": ["auto", "torch-fused", "torch", "deepspeed"]})
 
 
 @dataclass
@@ -62,6 +66,13 @@ class RunConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
     max_nan_steps: int = field(default=5, metadata={"help": "stop (with a checkpoint) after this many non-finite losses in a row"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (exact replay on CPU)"})
+    nan_check: str = field(default="auto", metadata={
+        "help": "how a non-finite loss is skipped: sync (the loss is checked on the host every micro-step, "
+                "one all-reduce), deepspeed (DeepSpeed's own gradient-overflow check skips the optimizer "
+                "step; no extra host sync; needs bf16/fp16), auto (deepspeed when bf16/fp16 is on, else sync)",
+        "choices": ["auto", "sync", "deepspeed"]})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (DeepSpeed engine.compile)"})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --compile"})
 
 
 @dataclass
@@ -117,7 +128,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, group_name: str, de
                                default=default, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            group.add_argument(flag, dest=f"{group_name}.{f.name}", type=typ, default=default, help=help_text)
+            group.add_argument(flag, dest=f"{group_name}.{f.name}", type=typ, default=default, help=help_text,
+                               choices=f.metadata.get("choices"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,13 +63,39 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, total_steps: 
                 _fill(params, key, o.lr, "scheduler.params", "--lr")
     for precision in ("bf16", "fp16"):
         if precision in ds and ds[precision].get("enabled") == "auto":
-            ds[precision]["enabled"] = bf16_ok if precision == "bf16" else False
-    if ds.get("bf16", {}).get("enabled") is True and not bf16_ok:
-        raise DSConfigError("bf16.enabled is true but this device has no bf16 support; set it to \"auto\"")
+            ds[precision]["enabled"] = bool(bf16_ok) if precision == "bf16" else False
+    # bf16_ok None: a CPU, where "auto" means fp32 (faster there) but an explicit true is honoured.
+    if ds.get("bf16", {}).get("enabled") is True and bf16_ok is False:
+        raise DSConfigError("bf16.enabled is true but this GPU has no bf16 support; set it to \"auto\"")
+    optimizer_kernel(ds, o.adam_impl, cuda=bf16_ok is not None)
     leftover = _find_auto(ds)
     if leftover:
         raise DSConfigError(f"DeepSpeed config keys still 'auto' that mlip-ds cannot fill: {leftover}")
     return ds
+
+
+def optimizer_kernel(ds: dict, impl: str, cuda: bool) -> None:
+    """Pick the AdamW kernel (``--adam-impl``) unless the config already chose (``torch_adam``).
+
+    auto: torch's fused AdamW on CUDA (one kernel for all tensors, nothing to JIT-compile, unlike
+    DeepSpeed's FusedAdam, which needs nvcc and ninja at start-up), torch's foreach AdamW on CPU
+    (DeepSpeed's CPU kernels would be JIT-compiled, ~40 s, for no gain at our sizes)."""
+    opt = ds.get("optimizer")
+    if not opt or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        return
+    params = opt.setdefault("params", {})
+    if "torch_adam" in params:
+        return
+    if impl == "auto":
+        impl = "torch-fused" if cuda else "torch"
+    if impl == "torch-fused" and not cuda:
+        raise DSConfigError("--adam-impl torch-fused needs CUDA; use torch or auto on CPU")
+    if impl == "deepspeed":
+        params["torch_adam"] = False
+        return
+    params["torch_adam"] = True
+    if impl == "torch-fused":
+        params["fused"] = True
 
 
 def _find_auto(node, prefix="") -> list[str]:

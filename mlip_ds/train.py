@@ -179,14 +179,17 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     preparer = BatchPreparer(cfg.objective, tokenizer, vocab, cfg.knowledge.concept_context_length,
                              cfg.knowledge.max_mentions)
 
-    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
-    if not torch.cuda.is_available() and "optimizer" in ds_config:
-        # torch's AdamW on CPU: DeepSpeed's fused kernels would be JIT-compiled (~40 s) for no gain.
-        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    nan_check = resolve_nan_check(cfg.run.nan_check, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=param_groups(model, cfg.optim.weight_decay))
     device = engine.device
+    if cfg.run.compile:  # in place: parameter names (checkpoints, export) stay the same
+        engine.compile(backend=cfg.run.compile_backend)
+    # Flags the host already knows (a stop signal) are reduced over gloo: over NCCL, reading the
+    # result back would be a device sync every micro-step.
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     module = engine.module
     if dtype != torch.float32 and cfg.objective.use_divergence:
@@ -270,29 +273,33 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior), cfg.objective)
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
-            # One small all-reduce per micro-step: every rank agrees on skipping a non-finite loss and
-            # on stopping for a signal, so no rank ever waits in a collective the others skipped.
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[0] > 0:
+            stop_now = torch.tensor([float(stop.requested)])
+            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX, group=host_group)
+            if nan_check == "sync":
+                # The loss is read on the host (one sync, one small all-reduce per micro-step): every
+                # rank agrees to skip a non-finite micro-step, so none waits in a collective the others
+                # skipped. Exact, and free on CPU.
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                skip = bool(bad[0] > 0)
+            else:
+                # DeepSpeed's gradient-overflow check (bf16/fp16) drops the whole optimizer step on
+                # every rank; here only the co-occurrence table is guarded, on the device.
+                skip = False
+                if prior is not None:
+                    prior.counts.copy_(torch.where(torch.isfinite(loss), prior.counts, prior_before))
+            if skip:
                 if prior is not None:  # the skipped step leaves no trace in the co-occurrence table
                     prior.counts.copy_(prior_before)
-                state["nan_skipped"] += 1
-                nan_in_a_row += 1
-                log.warning("non-finite loss at step %d: step skipped on every rank (%d in a row)",
-                            state["step"] + 1, nan_in_a_row)
-                if nan_in_a_row >= cfg.run.max_nan_steps:
-                    save_checkpoint()
-                    raise NonFiniteLossError(
-                        f"{nan_in_a_row} non-finite losses in a row at step {state['step'] + 1}; checkpoint "
-                        f"saved at {ckpt_dir / checkpoint.tag_for(state['step'])}. Lower --lr, check the data, "
-                        "or resume with --resume latest")
+                nan_in_a_row = _count_nan_step(state, nan_in_a_row, cfg, save_checkpoint, ckpt_dir)
             else:
-                nan_in_a_row = 0
                 boundary = engine.is_gradient_accumulation_boundary()
                 engine.backward(loss)
                 engine.step()
-                if boundary:
+                if boundary and nan_check == "deepspeed" and getattr(engine.optimizer, "overflow", False):
+                    nan_in_a_row = _count_nan_step(state, nan_in_a_row, cfg, save_checkpoint, ckpt_dir)
+                elif boundary:
+                    nan_in_a_row = 0
                     state["step"] += 1
                     after_optimizer_step(module, state["step"], total_steps, ds_stage)
                     progress.update(1)
@@ -303,7 +310,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                              out_dir)
                     if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
                         save_checkpoint()
-            if flags[1] > 0 and state["micro_in_epoch"] % accum == 0:
+                elif nan_check == "sync":
+                    nan_in_a_row = 0
+            if stop_now[0] > 0 and state["micro_in_epoch"] % accum == 0:
                 save_checkpoint()
                 raise Interrupted(f"stopped by {stop.signal_name} at step {state['step']}: checkpoint saved, "
                                   "resume with --resume latest")
@@ -389,6 +398,34 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested, self.signal_name = True, signal.Signals(signum).name
+
+
+def resolve_nan_check(mode: str, ds_config: dict) -> str:
+    """``--nan-check auto``: DeepSpeed's overflow check where it runs anyway (bf16 with its default
+    ``check_grad_overflow``, fp16), else the host check."""
+    bf16, fp16 = ds_config.get("bf16", {}), ds_config.get("fp16", {})
+    ds_checks = (bf16.get("enabled") is True and bf16.get("check_grad_overflow", True)) or fp16.get("enabled") is True
+    if mode == "auto":
+        return "deepspeed" if ds_checks else "sync"
+    if mode == "deepspeed" and not ds_checks:
+        raise SetupError("--nan-check deepspeed needs DeepSpeed's overflow check: bf16 (check_grad_overflow "
+                         "not false) or fp16 enabled in the DeepSpeed config; use --nan-check sync")
+    return mode
+
+
+def _count_nan_step(state: dict, nan_in_a_row: int, cfg: TrainConfig, save_checkpoint, ckpt_dir) -> int:
+    """A skipped (non-finite) step: counted; too many in a row stop the run with a checkpoint."""
+    state["nan_skipped"] += 1
+    nan_in_a_row += 1
+    log.warning("non-finite loss at step %d: step skipped on every rank (%d in a row)", state["step"] + 1,
+                nan_in_a_row)
+    if nan_in_a_row >= cfg.run.max_nan_steps:
+        save_checkpoint()
+        raise NonFiniteLossError(
+            f"{nan_in_a_row} non-finite losses in a row at step {state['step'] + 1}; checkpoint saved at "
+            f"{ckpt_dir / checkpoint.tag_for(state['step'])}. Lower --lr, check the data, or resume with "
+            "--resume latest")
+    return nan_in_a_row
 
 
 def _injected_nan_steps() -> set[int]:

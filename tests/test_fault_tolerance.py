@@ -111,3 +111,27 @@ def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
     assert 5 <= stopped_at < 12
     _ok(_run(_args(synthetic_shards["train"], out) + ["--resume", "latest"]))
     assert json.loads((out / "summary.json").read_text())["step"] == 12
+
+
+def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_shards, tmp_path):
+    """--nan-check deepspeed (the default with bf16 on a GPU: no host sync per step) skips the
+    optimizer step through DeepSpeed's own gradient-overflow check, on every rank; here in bf16 on CPU."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    ds_path = tmp_path / "zero2_bf16.json"
+    ds_path.write_text(json.dumps(cfg))
+    out = tmp_path / "nan_ds"
+    r = subprocess.run(deepspeed_cmd(_args(synthetic_shards["train"], out, **{"--nan-check": "deepspeed"}),
+                                     ds_config=str(ds_path)),
+                       cwd=ROOT, env=train_env(MLIP_FAULT_INJECT="nan_at:3"), capture_output=True, text=True,
+                       timeout=300)
+    _ok(r)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "bf16"
+    assert summary["nan_skipped"] == 1 and summary["step"] == 11, summary
+    assert "non-finite loss at step 3" in r.stderr
+    log = read_train_log(out)
+    assert all(rec["loss/total"] == rec["loss/total"] for rec in log.values())  # finite after the skip
+    # Without bf16/fp16 DeepSpeed checks nothing: refused before the run starts.
+    r = _run(_args(synthetic_shards["train"], tmp_path / "refused", **{"--nan-check": "deepspeed"}))
+    assert r.returncode != 0 and "--nan-check deepspeed needs" in r.stderr

@@ -111,3 +111,35 @@ def test_ds_config_auto_values_filled_and_contradictions_refused():
         resolve_ds_config(bad, cfg, world_size=2, total_steps=100, bf16_ok=False)
     with pytest.raises(DSConfigError, match="does not exist"):
         load_ds_config("/nonexistent.json")
+
+
+def test_optimizer_kernel_choice():
+    from mlip_ds.ds_config import optimizer_kernel
+    base = load_ds_config(DS_CONFIG)
+    for impl, cuda, want in (("auto", True, {"torch_adam": True, "fused": True}), ("auto", False, {"torch_adam": True}),
+                             ("deepspeed", True, {"torch_adam": False}), ("torch", True, {"torch_adam": True})):
+        ds = json.loads(json.dumps(base))
+        optimizer_kernel(ds, impl, cuda)
+        params = {k: v for k, v in ds["optimizer"]["params"].items() if k in ("torch_adam", "fused")}
+        assert params == want, (impl, cuda, params)
+    with pytest.raises(DSConfigError, match="needs CUDA"):
+        optimizer_kernel(json.loads(json.dumps(base)), "torch-fused", cuda=False)
+    chosen = json.loads(json.dumps(base))
+    chosen["optimizer"]["params"]["torch_adam"] = False  # the user's config wins
+    optimizer_kernel(chosen, "auto", cuda=True)
+    assert chosen["optimizer"]["params"] == {**base["optimizer"]["params"], "torch_adam": False}
+
+
+def test_compiled_model_trains_and_exports_the_same_parameter_names(synthetic_shards, tmp_path):
+    """--compile (DeepSpeed's in-place engine.compile): same checkpoint/export keys as eager. The
+    "eager" dynamo backend keeps this test fast; inductor is the default on GPUs."""
+    from mlip_ds.export import load_model
+    out = tmp_path / "compiled"
+    r = _deepspeed(["--train-shards", str(synthetic_shards["train"]), "--out-dir", str(out), "--batch-size", "4",
+                    "--samples-per-epoch", "32", "--epochs", "1", "--log-every", "1", "--workers", "1",
+                    "--compile", "--compile-backend", "eager"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["loss"] == summary["loss"]
+    model, _ = load_model(str(out / "export"))  # strict load: no "_orig_mod." prefixes
+    assert not any("_orig_mod" in k for k in model.state_dict())

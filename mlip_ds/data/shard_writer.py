@@ -12,7 +12,9 @@ Used by ``tools/make_shards.py`` (the CLI). Pipeline:
   encoded with fixed settings; the same input therefore gives the same shard bytes (sha256),
   whatever the number of workers (``Pool.imap`` keeps the job order).
 * Each shard is written under a temporary name in the output folder and renamed into place when
-  complete; the manifest is written the same way, last.
+  complete; the manifest is written the same way, last. Each shard's record also holds the range of
+  jobs it consumed and goes to a journal as soon as the shard is in place, so that an interrupted
+  run can be finished with ``--resume`` (:mod:`mlip_ds.data.shard_resume`).
 """
 from __future__ import annotations
 
@@ -228,12 +230,15 @@ def process_synthetic(opts: SyntheticOptions, index: int) -> Result:
 
 def process_csv_row(opts: EncodeOptions, r) -> Result:
     """Load, check and encode one CsvRow (runs in a worker); a bad row gives Result.reason."""
-    from mlip_ds.sources.csv_source import RowError, open_image, read_report, split_sections
+    from mlip_ds.sources.csv_source import RowError, clinical_text, open_image, read_report, split_sections
 
     if r.error:
         return Result(row=r.row, id=r.id, reason=r.error)
     try:
         text = read_report(r)
+        sections = r.sections
+        if r.clinical_only:
+            text, sections = clinical_text(text, r.report_path or f"row {r.row}")
         img, orig = open_image(r.image_path, short_side=opts.image_size)
     except RowError as e:
         return Result(row=r.row, id=r.id, reason=str(e))
@@ -242,14 +247,19 @@ def process_csv_row(opts: EncodeOptions, r) -> Result:
     except Exception as e:
         return Result(row=r.row, id=r.id, reason=f"unreadable image: {r.image_path} ({type(e).__name__}: {e})")
     meta = dict(r.meta)  # --meta-cols first: the fields below always mean what the README says
-    meta.update({"source": "csv", "row": r.row, "image": r.image_ref})
+    meta.update({"source": r.source, "row": r.row, "image": r.image_ref})
     if r.report_ref is not None:
         meta["report_file"] = r.report_ref
     meta["orig_size"] = list(orig)
     meta["size"] = list(img.size)
     entities, labels = _link(text) if opts.link else ([], {})
-    doc = {"id": r.id, "sections": split_sections(text), "entities": entities,
-           "labels": dict(r.labels) or labels, "meta": meta}
+    if r.labels:  # labels of the source (CSV columns, MIMIC-CXR's CheXpert CSV) win over derived ones
+        labels = dict(r.labels)
+        meta["labels_from"] = "source"
+    elif opts.link:
+        meta["labels_from"] = "linker"
+    doc = {"id": r.id, "sections": dict(sections) if sections is not None else split_sections(text),
+           "entities": entities, "labels": labels, "meta": meta}
     sample = make_sample(r.key, encode_image(img, opts.fmt, opts.jpeg_quality), opts.fmt, text, doc)
     return Result(row=r.row, id=r.id, sample=sample)
 
@@ -327,13 +337,18 @@ def existing_outputs(out_dir: str, prefix: str = "shard") -> list:
 class ShardSetWriter:
     """Write samples into ``<out>/<prefix>-NNNNNN.tar``, ``samples_per_shard`` each (last may be short)."""
 
-    def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 256):
+    def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 256,
+                 on_shard: Optional[Callable[[int, dict], None]] = None):
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.out_dir = out_dir
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
+        self.on_shard = on_shard      # called with (index, record) once a shard is in place
         self.shards: list = []
+        self._written_here: list = []  # files this writer wrote (not reused ones)
+        self._next_job = 0             # first job of the next shard's range
+        self._last_job = -1
         self._file = None
         self._tar = None
         self._tmp = None
@@ -357,12 +372,29 @@ class ShardSetWriter:
         path = os.path.join(self.out_dir, name)
         digest = sha256_file(self._tmp)
         os.replace(self._tmp, path)
-        self.shards.append({"file": name, "num_samples": self._count, "sha256": digest})
+        record = {"file": name, "num_samples": self._count, "sha256": digest,
+                  "jobs": [self._next_job, self._last_job + 1]}
+        self._next_job = self._last_job + 1
+        self.shards.append(record)
+        self._written_here.append(name)
         self._file = self._tar = self._tmp = None
+        if self.on_shard is not None:
+            self.on_shard(len(self.shards) - 1, record)
 
-    def write(self, sample: dict) -> None:
+    def reuse(self, record: dict) -> None:
+        """Take a verified shard of an earlier run as the next shard (``--resume``)."""
+        expected = shard_name(self.prefix, len(self.shards))
+        if self._tar is not None or record["file"] != expected or record["jobs"][0] != self._next_job:
+            raise RuntimeError(f"cannot resume: {record['file']} does not follow the shards written so far "
+                               f"(expected {expected} from job {self._next_job}); rerun with --overwrite")
+        self.shards.append({k: record[k] for k in ("file", "num_samples", "sha256", "jobs")})
+        self._next_job = record["jobs"][1]
+
+    def write(self, sample: dict, job: Optional[int] = None) -> None:
+        """Add a sample; ``job`` (its index in the input) defines the shard's job range."""
         if self._tar is None:
             self._open()
+        self._last_job = self._last_job + 1 if job is None else job
         self._tar.write(sample)
         self._count += 1
         if self._count >= self.samples_per_shard:
@@ -373,9 +405,9 @@ class ShardSetWriter:
             self._finish()
         return self.shards
 
-    def abort(self) -> None:
-        """Drop the shard being written and the shards this writer finished (a failed run leaves
-        neither shards nor a manifest behind)."""
+    def abort(self, keep_finished: bool = False) -> None:
+        """Drop the shard being written and (unless ``keep_finished``) the shards this writer
+        finished; reused shards of an earlier run are never removed."""
         if self._file is not None:
             try:
                 try:
@@ -386,8 +418,8 @@ class ShardSetWriter:
             finally:
                 if self._tmp and os.path.exists(self._tmp):
                     os.remove(self._tmp)
-        for shard in self.shards:
-            path = os.path.join(self.out_dir, shard["file"])
+        for name in ([] if keep_finished else self._written_here):
+            path = os.path.join(self.out_dir, name)
             if os.path.exists(path):
                 os.remove(path)
         self.shards = []
@@ -409,32 +441,56 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_dataset(results: Iterable[Result], out_dir: str, *, source: str, created_with: dict,
+def write_dataset(results: Iterable, out_dir: str, *, source: str, created_with: dict,
                   label_names: list, prefix: str = "shard", samples_per_shard: int = 256,
-                  strict: bool = False, total: Optional[int] = None, progress: bool = True) -> dict:
-    """Consume results in order, write shards and the manifest; return the manifest dict.
+                  strict: bool = False, total: Optional[int] = None, progress: bool = True,
+                  extra: Optional[dict] = None, fingerprint: Optional[str] = None) -> dict:
+    """Consume results in job order (Result, or shard_resume.Reuse for a verified shard of an
+    earlier run), write shards and the manifest; return the manifest dict.
 
-    Skipped results go to manifest["skipped"]; with ``strict`` the first one raises StrictError.
-    On any exception (StrictError, Ctrl-C, a bug) the shards of this run are removed and no
-    manifest is written.
+    Skipped results go to manifest["skipped"] (with their job index); with ``strict`` the first
+    one raises StrictError, and the shards of this run are removed. On any other exception (Ctrl-C,
+    a bug) the finished shards stay, each with its journal record when ``fingerprint`` is given,
+    so that ``--resume`` can finish the run; no manifest is written.
     """
-    writer = ShardSetWriter(out_dir, prefix, samples_per_shard)
+    from mlip_ds.data import shard_resume
+
     skipped = []
+
+    def on_shard(index: int, record: dict) -> None:
+        if fingerprint is not None:
+            s, e = record["jobs"]
+            shard_resume.write_record(out_dir, prefix, index,
+                                      {**record, "skipped": [x for x in skipped if s <= x["job"] < e]}, fingerprint)
+
+    writer = ShardSetWriter(out_dir, prefix, samples_per_shard, on_shard=on_shard)
     written = 0
+    job = 0
     bar = tqdm(results, total=total, unit="img", desc=f"{prefix}-*.tar", disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     try:
         for res in bar:
+            if isinstance(res, shard_resume.Reuse):
+                writer.reuse(res.record)
+                skipped.extend(res.record.get("skipped", []))
+                written += res.record["num_samples"]
+                job = res.record["jobs"][1]
+                continue
             if res.reason is not None:
                 if strict:
                     raise StrictError(res)
-                skipped.append({"row": res.row, "id": res.id, "reason": res.reason})
-                continue
-            writer.write(res.sample)
-            written += 1
+                skipped.append({"row": res.row, "id": res.id, "reason": res.reason, "job": job})
+            else:
+                writer.write(res.sample, job)
+                written += 1
+            job += 1
         shards = writer.close()
-    except BaseException:
+    except StrictError:
         writer.abort()
+        shard_resume.remove_journal(out_dir, prefix)
+        raise
+    except BaseException:
+        writer.abort(keep_finished=True)
         raise
     finally:
         bar.close()
@@ -449,9 +505,13 @@ def write_dataset(results: Iterable[Result], out_dir: str, *, source: str, creat
         "shards": shards,
         "skipped": skipped,
         "label_names": list(label_names),
+        **(extra or {}),  # source facts, e.g. mimic-cxr's images left out by split / view
     }
+    if fingerprint is not None:
+        manifest["fingerprint"] = fingerprint
     write_atomic(os.path.join(out_dir, manifest_name(prefix)),
                  (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    shard_resume.finish(out_dir, prefix, len(shards))
     return manifest
 
 

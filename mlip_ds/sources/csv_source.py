@@ -34,6 +34,9 @@ REASON_KINDS = (
     "bad label value",
     "bad bytes",
     "duplicate id",
+    "no report text",
+    "bad row",
+    "malformed XML",
 )
 
 _HEADER_RE = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
@@ -68,6 +71,9 @@ class CsvRow:
     labels: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     error: Optional[str] = None   # reason found while reading the CSV (row is skipped)
+    source: str = "csv"           # meta["source"]; the mimic-cxr and openi sources reuse this row type
+    sections: Optional[dict] = None     # known {"findings", "impression"} (Open-i XML): text is built from them
+    clinical_only: bool = False   # keep only the findings + impression of the report (MIMIC-CXR)
 
 
 def split_sections(text: str) -> dict:
@@ -87,6 +93,27 @@ def split_sections(text: str) -> dict:
         if part:
             sections[m.group(1).lower()].append(part)
     return {name: "\n".join(parts) for name, parts in sections.items()}
+
+
+def compose_report(sections: dict) -> str:
+    """``FINDINGS: ...`` / ``IMPRESSION: ...`` text from section texts (empty ones left out), so
+    that the stored report, its sections and the linker's entity spans agree."""
+    parts = [f"{name.upper()}: {sections[name].strip()}" for name in ("findings", "impression")
+             if (sections.get(name) or "").strip()]
+    return "\n\n".join(parts)
+
+
+def clinical_text(text: str, where: str) -> tuple[str, dict]:
+    """(report text, sections) keeping only the findings and impression of a free-text report
+    (MIMIC-CXR: indication, history and technique are not about the image); RowError 'no report
+    text' when neither is there."""
+    from mlip_ds.knowledge.sections import sections_dict
+
+    secs = {k: v.strip() for k, v in sections_dict(text).items()}
+    out = compose_report(secs)
+    if not out:
+        raise RowError("no report text", f"{where} has no FINDINGS or IMPRESSION section")
+    return out, secs
 
 
 def parse_label(value: str) -> Optional[int]:
@@ -272,6 +299,12 @@ def open_image(path: str, short_side: Optional[int] = None) -> tuple:
     """
     if not os.path.isfile(path):
         raise RowError("missing image", path)
+    from mlip_ds.sources.dicom import is_dicom, read_dicom
+    if is_dicom(path):
+        try:
+            return read_dicom(path)
+        except Exception as e:  # pydicom raises many types for bad / unsupported files
+            raise RowError("unreadable image", f"{path} (DICOM: {type(e).__name__}: {e})") from None
     try:
         img = Image.open(path)
         orig_size = img.size
