@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         engine.compile(backend=cfg.run.compile_backend)
     # Flags the host already knows (a stop signal) are reduced over gloo: over NCCL, reading the
     # result back would be a device sync every micro-step.
-    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" and nan_check != "sync" else None
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     module = engine.module
     if dtype != torch.float32 and cfg.objective.use_divergence:
@@ -270,22 +270,24 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             inputs = preparer.to_device(batch, device, dtype)
             out = engine(**inputs)
             prior_before = prior.counts.clone() if prior is not None else None
-            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior), cfg.objective)
+            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior), cfg.objective,
+                                     step=state["step"])
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
-            stop_now = torch.tensor([float(stop.requested)])
-            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX, group=host_group)
             if nan_check == "sync":
-                # The loss is read on the host (one sync, one small all-reduce per micro-step): every
-                # rank agrees to skip a non-finite micro-step, so none waits in a collective the others
-                # skipped. Exact, and free on CPU.
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                skip = bool(bad[0] > 0)
+                # The loss is read on the host (one sync, one small all-reduce per micro-step with the
+                # stop flag): every rank agrees to skip a non-finite micro-step, so none waits in a
+                # collective the others skipped. Exact, and free on CPU.
+                flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                skip, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
             else:
                 # DeepSpeed's gradient-overflow check (bf16/fp16) drops the whole optimizer step on
-                # every rank; here only the co-occurrence table is guarded, on the device.
-                skip = False
+                # every rank; here only the co-occurrence table is guarded, on the device. The stop
+                # flag goes over gloo: no device sync.
+                flag = torch.tensor([float(stop.requested)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group)
+                skip, stop_now = False, bool(flag[0] > 0)
                 if prior is not None:
                     prior.counts.copy_(torch.where(torch.isfinite(loss), prior.counts, prior_before))
             if skip:
@@ -312,7 +314,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                         save_checkpoint()
                 elif nan_check == "sync":
                     nan_in_a_row = 0
-            if stop_now[0] > 0 and state["micro_in_epoch"] % accum == 0:
+            if stop_now and state["micro_in_epoch"] % accum == 0:
                 save_checkpoint()
                 raise Interrupted(f"stopped by {stop.signal_name} at step {state['step']}: checkpoint saved, "
                                   "resume with --resume latest")

@@ -311,6 +311,15 @@ def test_total_loss_weights_switches_and_names():
         total_loss(terms, ObjectiveConfig())
     baseline = ObjectiveConfig(use_divergence=False, use_local=False, use_category=False, use_itm=False, use_swap=False)
     assert total_loss({"global": torch.tensor(1.5)}, baseline)[0].item() == 1.5
+    # --aux-warmup-steps: the auxiliary terms ramp from 0; the global term is never scaled.
+    ramp = ObjectiveConfig(lambda_global=2.0, lambda_local=0.5, use_itm=False, use_swap=False, aux_warmup_steps=10)
+    assert abs(total_loss(terms, ramp, step=0)[0].item() - 2 * 1) < 1e-6
+    assert abs(total_loss(terms, ramp, step=5)[0].item() - (2 * 1 + 0.5 * (2 * 3 + 0.5 * 4 + 5))) < 1e-6
+    assert abs(total_loss(terms, ramp, step=50)[0].item() - (2 * (1 + 3) + 0.5 * 4 + 5)) < 1e-6
+    assert abs(total_loss(terms, ramp)[0].item() - (2 * (1 + 3) + 0.5 * 4 + 5)) < 1e-6  # no step: full weights
+    late = ObjectiveConfig(use_itm=False, use_swap=False, aux_start_steps=20, aux_warmup_steps=10)
+    assert abs(total_loss(terms, late, step=19)[0].item() - 1.0) < 1e-6
+    assert abs(total_loss(terms, late, step=25)[0].item() - (1 + 0.5 * (3 + 4 + 5))) < 1e-6
 
 
 # ----------------------------------------------------------------------------- over-fitting one batch

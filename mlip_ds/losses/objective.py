@@ -55,6 +55,10 @@ class ObjectiveConfig:
     tucker_out: int = field(default=256, metadata={"help": "Tucker fusion output width"})
     swap_prob: float = field(default=0.5, metadata={"help": "probability of swapping a report"})
     swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
+    aux_start_steps: int = field(default=0, metadata={
+        "help": "every term but the global one is off (weight 0) for the first N optimizer steps"})
+    aux_warmup_steps: int = field(default=0, metadata={
+        "help": "then ramp their weights linearly from 0 over N optimizer steps (0: full weight at once)"})
 
     def enabled(self, name: str) -> bool:
         return getattr(self, f"use_{name}")
@@ -65,7 +69,23 @@ class ObjectiveConfig:
         return getattr(self, f"lambda_{key}")
 
 
-def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def aux_scale(cfg: ObjectiveConfig, step: int | None) -> float:
+    """The factor on the auxiliary terms at optimizer step ``step`` (``aux_start_steps``,
+    ``aux_warmup_steps``). Why: with
+    random towers the global term starts near chance, and the auxiliary terms have degenerate
+    minima (one embedding for every image solves the prototype and local terms' easy parts) that
+    can pull the towers there before the global term gets going."""
+    if step is None:
+        return 1.0
+    if step < cfg.aux_start_steps:
+        return 0.0
+    if cfg.aux_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step - cfg.aux_start_steps) / cfg.aux_warmup_steps)
+
+
+def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig,
+               step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the enabled terms and a dict of detached values for logging.
 
     ``terms`` maps names of ``TERMS`` to scalar losses; an enabled term missing from it is an error
@@ -83,7 +103,7 @@ def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig) -> tuple[to
             raise KeyError(f"loss term '{name}' is enabled (use_{name}) but was not computed")
         value = terms[name]
         named[f"loss/{name}"] = value.detach()
-        weighted = cfg.weight(name) * value
+        weighted = cfg.weight(name) * (1.0 if name == "global" else aux_scale(cfg, step)) * value
         total = weighted if total is None else total + weighted
     if total is None:
         raise ValueError("every loss term is switched off")
