@@ -142,6 +142,32 @@ def test_probe_noise_features_is_chance():
     assert abs(m - 0.5) < 0.08, m
 
 
+def test_linear_layer_head_mgca_protocol():
+    """--head linear: the Adam-trained linear layer separates the blobs, is chance on noise, gives
+    the same numbers for the same seed, and handles a multi-class task."""
+    Xtr, Ytr = blobs(600, seed=0)
+    Xte, Yte = blobs(400, seed=1)
+    res = run_probe(Xtr, Ytr, Xte, Yte, ["a", "b"], fractions=[0.1, 1.0], seeds=[0, 1], head="linear")
+    assert res["summary"]["1"]["mean_over_labels"]["mean"] > 0.97
+    again = run_probe(Xtr, Ytr, Xte, Yte, ["a", "b"], fractions=[0.1], seeds=[0], head="linear")
+    first = [r["metric"] for r in res["per_seed"] if r["fraction"] == 0.1 and r["seed"] == 0]
+    assert first == [r["metric"] for r in again["per_seed"]]
+    Ntr, NYtr = blobs(600, seed=0, noise_only=True)
+    Nte, NYte = blobs(600, seed=1, noise_only=True)
+    m = run_probe(Ntr, NYtr, Nte, NYte, ["a", "b"], fractions=[1.0], seeds=[0], head="linear")
+    assert abs(m["summary"]["1"]["mean_over_labels"]["mean"] - 0.5) < 0.08
+    from mlip_ds.eval.linear_head import LinearLayerHead
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 4, (3, 8))
+    y = rng.integers(0, 3, 300)
+    X = centers[y] + rng.normal(0, 1, (300, 8))
+    head = LinearLayerHead(seed=0).fit(X[:200], y[:200])
+    assert (head.predict(X[200:]) == y[200:]).mean() > 0.9
+    assert np.allclose(head.predict_proba(X[200:]).sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="head must be"):
+        run_probe(Xtr, Ytr, Xte, Yte, ["a", "b"], fractions=[1.0], seeds=[0], head="svm")
+
+
 def test_fraction_counts_and_both_classes():
     y = np.zeros(1000, int)
     y[:100] = 1  # 10 % positives

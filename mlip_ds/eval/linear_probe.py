@@ -141,12 +141,21 @@ def _select_C(X, y, task: str, seed: int, grid: Sequence[float] = C_GRID) -> tup
     return best_C, None
 
 
-def fit_and_score(X_train, y_train, X_test, y_test, task: str = "binary", C="cv", seed: int = 0) -> dict:
-    """Fit one standardized logistic regression and score it on the test set.
+def fit_and_score(X_train, y_train, X_test, y_test, task: str = "binary", C="cv", seed: int = 0,
+                  head: str = "logreg") -> dict:
+    """Fit one standardized logistic regression (``head="logreg"``) or MGCA's Adam-trained linear
+    layer (``head="linear"``, ``eval/linear_head.py``; C unused) and score it on the test set.
 
     Returns ``{"metric", "C", "note"}``.
     """
     from sklearn.exceptions import ConvergenceWarning
+
+    if head == "linear":
+        from mlip_ds.eval.linear_head import LinearLayerHead
+        model = LinearLayerHead(seed=seed).fit(X_train, y_train)
+        return {"metric": _score(model, X_test, y_test, task), "C": None, "note": None}
+    if head != "logreg":
+        raise ValueError(f"head must be 'logreg' or 'linear', got {head!r}")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -175,7 +184,7 @@ def _mean_std(values: Sequence[float]) -> dict:
 def run_probe(features_train: np.ndarray, labels_train: np.ndarray, features_test: np.ndarray,
               labels_test: np.ndarray, label_names: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS,
               seeds: Sequence[int] = DEFAULT_SEEDS, task: str = "binary", class_names: Sequence[str] | None = None,
-              C="cv", progress: bool = False) -> dict:
+              C="cv", progress: bool = False, head: str = "logreg") -> dict:
     """Linear probe on precomputed features (protocol in the module docstring).
 
     ``labels_*``: (N, L) float, 1/0/NaN per label for ``task="binary"``; (N,) or (N, 1) class
@@ -251,7 +260,7 @@ def run_probe(features_train: np.ndarray, labels_train: np.ndarray, features_tes
                 row["reused_from_seed"] = full_cache[j]["seed"]
             else:
                 Xs, ys = Xtr[vtr][idx], ytr[idx]
-                out = fit_and_score(Xs, ys, Xte[vte], yte, task=task, C=C, seed=seed)
+                out = fit_and_score(Xs, ys, Xte[vte], yte, task=task, C=C, seed=seed, head=head)
                 _, cc = np.unique(ys, return_counts=True)
                 row.update(metric=out["metric"], n_train=int(len(idx)), class_counts=cc.tolist(), C=out["C"],
                            note="; ".join(x for x in (sub_note, out["note"]) if x) or None)
@@ -461,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="subsampling seeds (default 0,1,2)")
     p.add_argument("--C", default="cv", help="logistic-regression C, or 'cv' to pick from %s by 3-fold CV "
                                              "on the training subsample (default)" % (C_GRID,))
+    p.add_argument("--head", default="logreg", choices=["logreg", "linear"],
+                   help="logreg: standardised L2 logistic regression, C by CV (default); linear: MGCA's protocol, "
+                        "one linear layer trained with AdamW on the frozen features")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for feature extraction")
     p.add_argument("--device", default="auto", help="cuda / cpu / auto (default)")
@@ -555,7 +567,8 @@ def run_cli(args) -> tuple[dict, str, str, str]:
                                 train_labels=Ytr, test_features=Xte, test_labels=Yte,
                                 label_names=np.array(train_ds.label_names))
         res = run_probe(Xtr, Ytr, Xte, Yte, train_ds.label_names, fractions=fractions, seeds=seeds,
-                        task=train_ds.task, class_names=train_ds.class_names, C=C, progress=not args.no_progress)
+                        task=train_ds.task, class_names=train_ds.class_names, C=C, progress=not args.no_progress,
+                        head=args.head)
         res["encoder"] = {"export_dir": path, "random_init": random_init,
                           "random_init_seed": args.random_init_seed if random_init else None,
                           "preprocess": {k: pre[k] for k in ("image_size", "mean", "std") if k in pre},
@@ -567,7 +580,7 @@ def run_cli(args) -> tuple[dict, str, str, str]:
         del encoder
     info = {"train_data": args.train_data, "test_data": args.test_data, "train_split": args.train_split,
             "test_split": args.test_split, "uncertain": args.uncertain, "missing": args.missing,
-            "fractions": fractions, "seeds": seeds, "C": C, "device": device}
+            "fractions": fractions, "seeds": seeds, "C": C, "head": args.head, "device": device}
     json_path, md_path, md = write_reports(results, args.out, extra=info, digits=args.digits)
     from mlip_ds.eval.plots import plot_label_efficiency
     plot_label_efficiency(results, os.path.join(args.out, "probe.png"))

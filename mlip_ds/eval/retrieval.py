@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -382,17 +381,8 @@ def run_cli(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            _, json_path, md_path, md = run_cli(args)
-    except ProbeError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    print(md)
-    print(f"[retrieval] wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
+    from mlip_ds.eval.cli import eval_main
+    return eval_main("retrieval", build_parser, run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -646,17 +645,8 @@ def run_cli(args) -> tuple[dict, str, str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            _, json_path, md_path, md = run_cli(args)
-    except ProbeError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    print(md)
-    print(f"[zero_shot] wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
+    from mlip_ds.eval.cli import eval_main
+    return eval_main("zero_shot", build_parser, run_cli, argv)
 
 
 if __name__ == "__main__":
