@@ -33,6 +33,11 @@ from mlip_ds.model.mlip import BatchPreparer, MLIPModel
 from mlip_ds.model.towers import build_tokenizer
 
 
+# Function words inside a mention span ("heart size is borderline") that have no place to look at.
+STOPWORDS = {"the", "and", "are", "with", "from", "for", "has", "was", "were", "been", "its", "this", "that"}
+STOPWORDS |= {"is", "of", "in", "on", "at", "to", "no", "or", "an", "a"}
+
+
 class GroundingError(RuntimeError):
     """Inputs that cannot give grounding maps; the message says what to fix."""
 
@@ -100,14 +105,14 @@ def read_samples(data: str, num: int, keys: Sequence[str] = ()) -> list[dict]:
 
 
 def finding_words(report: str, entities: list[dict]) -> list[str]:
-    """The words to draw: the report text of each positive knowledge mention."""
+    """The words to draw: those of each positive knowledge mention's text, function words left out."""
     words = []
     for e in entities:
         if e.get("negated"):
             continue
         span = report[int(e.get("start", 0)):int(e.get("end", 0))] or str(e.get("name", ""))
-        words.append(re.sub(r"[_\s]+", " ", span).strip())
-    return [w for w in words if w]
+        words += [w for w in re.split(r"[_\s\-]+", span) if len(w) > 2 and w.casefold() not in STOPWORDS]
+    return list(dict.fromkeys(words))
 
 
 @torch.no_grad()
