@@ -20,3 +20,18 @@ def eval_main(tag: str, build_parser: Callable, run_cli: Callable, argv: Sequenc
     print(md)
     print(f"[{tag}] wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
+
+
+def write_json_and_markdown(out_dir: str, stem: str, payload: dict, md: str) -> tuple[str, str]:
+    """``<stem>.json`` (NaN as null) and ``<stem>.md`` in ``out_dir``; returns their paths."""
+    import json
+    import os
+
+    from mlip_ds.eval.linear_probe import _clean_nan, _json_default
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
+    with open(json_path, "w") as f:
+        json.dump(_clean_nan(payload), f, indent=2, default=_json_default)
+    with open(md_path, "w") as f:
+        f.write(md)
+    return json_path, md_path

@@ -31,7 +31,6 @@ CLI: ``python -m mlip_ds.eval.finetune --encoder NAME=EXPORT_DIR --train-data PA
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlip_ds.eval.linear_probe import (DEFAULT_FRACTIONS, ProbeError, _clean_nan, _json_default, _mean_std,
+from mlip_ds.eval.linear_probe import (DEFAULT_FRACTIONS, ProbeError, _mean_std,
                                        format_markdown, fraction_count, fraction_key, parse_encoder_spec,
                                        stratified_subsample)
 from mlip_ds.eval.zero_shot import EvalError, safe_name
@@ -356,15 +355,11 @@ def run_finetune(export_dir: str, Xtr: torch.Tensor, Ytr: torch.Tensor, Xte: tor
 
 def write_reports(results_by_encoder: dict, out_dir: str, extra: dict | None = None, digits: int = 3):
     """finetune.json + finetune.md (the probe's table, titled "Full fine-tuning")."""
-    os.makedirs(out_dir, exist_ok=True)
     md = format_markdown(results_by_encoder, digits=digits, title="Full fine-tuning")
     payload = dict(extra or {})
     payload["encoders"] = results_by_encoder
-    json_path, md_path = os.path.join(out_dir, "finetune.json"), os.path.join(out_dir, "finetune.md")
-    with open(json_path, "w") as f:
-        json.dump(_clean_nan(payload), f, indent=2, default=_json_default)
-    with open(md_path, "w") as f:
-        f.write(md)
+    from mlip_ds.eval.cli import write_json_and_markdown
+    json_path, md_path = write_json_and_markdown(out_dir, "finetune", payload, md)
     return json_path, md_path, md
 
 

@@ -32,7 +32,6 @@ CLI: ``python -m mlip_ds.eval.linear_probe --encoder NAME=EXPORT_DIR [--encoder 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -407,15 +406,11 @@ def _clean_nan(o):
 def write_reports(results_by_encoder: Mapping[str, dict], out_dir: str, extra: dict | None = None,
                   digits: int = 3) -> tuple[str, str, str]:
     """Write ``probe.json`` (all per-seed numbers + summaries) and ``probe.md``; return (json, md paths, markdown)."""
-    os.makedirs(out_dir, exist_ok=True)
     md = format_markdown(results_by_encoder, digits=digits)
     payload = dict(extra or {})
     payload["encoders"] = {name: r for name, r in results_by_encoder.items()}
-    json_path, md_path = os.path.join(out_dir, "probe.json"), os.path.join(out_dir, "probe.md")
-    with open(json_path, "w") as f:
-        json.dump(_clean_nan(payload), f, indent=2, default=_json_default)
-    with open(md_path, "w") as f:
-        f.write(md)
+    from mlip_ds.eval.cli import write_json_and_markdown
+    json_path, md_path = write_json_and_markdown(out_dir, "probe", payload, md)
     return json_path, md_path, md
 
 

@@ -314,17 +314,11 @@ def format_markdown(results: dict, digits: int = 3) -> str:
 
 
 def write_outputs(results: dict, out_dir: str, extra: dict | None = None, digits: int = 3):
-    from mlip_ds.eval.linear_probe import _clean_nan, _json_default
-
-    os.makedirs(out_dir, exist_ok=True)
     md = format_markdown(results, digits)
     payload = dict(extra or {})
     payload["models"] = results
-    json_path, md_path = os.path.join(out_dir, "retrieval.json"), os.path.join(out_dir, "retrieval.md")
-    with open(json_path, "w") as f:
-        json.dump(_clean_nan(payload), f, indent=2, default=_json_default)
-    with open(md_path, "w") as f:
-        f.write(md)
+    from mlip_ds.eval.cli import write_json_and_markdown
+    json_path, md_path = write_json_and_markdown(out_dir, "retrieval", payload, md)
     return json_path, md_path, md
 
 

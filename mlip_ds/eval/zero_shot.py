@@ -42,7 +42,6 @@ inputs exit with code 2 and the path named.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -530,17 +529,11 @@ def format_markdown(results: dict, digits: int = 3) -> str:
 def write_outputs(results: dict, arrays: dict, out_dir: str, extra: dict | None = None, digits: int = 3,
                   plots: bool = True) -> tuple[str, str, str]:
     """zero_shot.json, zero_shot.md, scores_<model>.npz and roc_<model>.png (multi-label / binary)."""
-    from mlip_ds.eval.linear_probe import _clean_nan, _json_default
-
-    os.makedirs(out_dir, exist_ok=True)
     md = format_markdown(results, digits)
     payload = dict(extra or {})
     payload["models"] = results
-    json_path, md_path = os.path.join(out_dir, "zero_shot.json"), os.path.join(out_dir, "zero_shot.md")
-    with open(json_path, "w") as f:
-        json.dump(_clean_nan(payload), f, indent=2, default=_json_default)
-    with open(md_path, "w") as f:
-        f.write(md)
+    from mlip_ds.eval.cli import write_json_and_markdown
+    json_path, md_path = write_json_and_markdown(out_dir, "zero_shot", payload, md)
     for name, arr in arrays.items():
         safe = safe_name(name)
         np.savez_compressed(os.path.join(out_dir, f"scores_{safe}.npz"), **arr)
