@@ -33,6 +33,7 @@ from mlip_ds import checkpoint  # noqa: E402
 from mlip_ds.config import TrainConfig, build_parser, config_from_args  # noqa: E402
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
+from mlip_ds.distributed import init_distributed  # noqa: E402
 from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.losses.objective import TERMS, total_loss  # noqa: E402
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     stop = stop or StopRequest()
     model_cfg, samples_per_epoch, vocab = check_inputs(cfg, ds_config_path)
     ds_stage = _zero_stage(load_ds_config(ds_config_path))
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     set_threads()
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -377,7 +378,7 @@ def export_mlip_state(module: MLIPModel, vocab: ConceptVocab | None, cfg: TrainC
     tmp = export_dir / ".mlip_state.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, export_dir / "mlip_state.safetensors")
-    info = {"objective": cfg.objective.__dict__, "knowledge": cfg.knowledge.__dict__,
+    info = {"objective": module.objective.__dict__, "knowledge": cfg.knowledge.__dict__,  # head sizes resolved
             "concepts": vocab.to_json() if vocab else None}
     checkpoint.atomic_write_text(export_dir / "mlip.json", json.dumps(info, indent=1))
 

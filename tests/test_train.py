@@ -22,9 +22,9 @@ def _env():
     return env
 
 
-def _deepspeed(args, timeout=300):
+def _deepspeed(args, timeout=300, port=None):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
+           str(port or _port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,8 +45,14 @@ def test_two_rank_run_checkpoints_resumes_and_exports(synthetic_shards, tmp_path
     common = ["--train-shards", str(synthetic_shards["train"]), "--out-dir", str(out), "--batch-size", "4",
               "--samples-per-epoch", "64", "--save-every", "4", "--log-every", "2", "--workers", "1",
               "--warmup-steps", "2"]
-    first = _deepspeed(common + ["--epochs", "1"])
+    port = _port()
+    first = _deepspeed(common + ["--epochs", "1"], port=port)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm) are not left behind.
+    from mlip_ds.distributed import SHM_DIR, shm_buffer_name
+    left = [n for r in (0, 1) for n in [shm_buffer_name(r, "127.0.0.1", str(port))]
+            if os.path.exists(os.path.join(SHM_DIR, n))]
+    assert not left, left
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000008"
     assert {"step00000004", "step00000008"} <= set(os.listdir(ckpts))

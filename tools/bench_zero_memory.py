@@ -66,11 +66,12 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     from mlip_ds.config import TrainConfig
+    from mlip_ds.distributed import init_distributed
     from mlip_ds.ds_config import load_ds_config, resolve_ds_config
     from mlip_ds.losses.global_contrast import global_contrastive_loss
     from mlip_ds.model.towers import build_model, load_model_config
 
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model_cfg = load_model_config(args.model)
