@@ -132,3 +132,30 @@ def test_every_kind_of_corrupt_data_is_skipped_counted_and_logged(tmp_path, capl
     for key in ("truncated_image", "bad_json", "missing_txt", "bad_utf8"):
         assert key in messages and "shard-000000.tar" in messages
     assert "unreadable shard data" in messages and "shard-000001.tar" in messages
+
+
+def test_gray_plane_transforms_equal_the_rgb_formulation():
+    """The augmentations run on the gray plane and repeat it at the end: the same pixels (and the same
+    random draws) as converting to RGB first, for the training and the evaluation transform."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from mlip_ds.data.pipeline import seed_cpu
+    from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+
+    image = Image.fromarray((np.random.default_rng(0).random((80, 72)) * 255).astype(np.uint8), "L")
+    rgb_first = T.Compose([T.Grayscale(num_output_channels=3),
+                           T.RandomResizedCrop(48, scale=(0.6, 1.0), ratio=(0.9, 1.1), antialias=True),
+                           T.RandomAffine(degrees=5, translate=(0.03, 0.03)),
+                           T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    for seed in range(5):
+        seed_cpu(seed)
+        ours = train_transform(48)(image)
+        torch.manual_seed(seed)
+        ref = rgb_first(image)
+        assert ours.shape == ref.shape == (3, 48, 48) and torch.equal(ours, ref)
+    ref_eval = T.Compose([T.Grayscale(num_output_channels=3), T.Resize(48, antialias=True), T.CenterCrop(48),
+                          T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    for im in (image, image.convert("RGB")):
+        assert torch.equal(eval_transform(48)(im), ref_eval(im))
