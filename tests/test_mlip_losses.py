@@ -382,15 +382,16 @@ def _dist_inputs(n=8, d_in=6, d=4, k=5):
     # Categories shared within and across the two halves (ranks), some empty.
     cats = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0],
                          [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
-    return xi, xt, wi, wt, ema_i, ema_t, protos, cats
+    queue = F.normalize(torch.randn(2, 6, d, generator=g), dim=-1)  # SwAV queue: image, text rows
+    return xi, xt, wi, wt, ema_i, ema_t, protos, cats, queue
 
 
-def _dist_losses(xi, xt, wi, wt, ema_i, ema_t, protos, cats):
+def _dist_losses(xi, xt, wi, wt, ema_i, ema_t, protos, cats, queue):
     """Every cross-rank term with its gradients w.r.t. the shared parameters, as (how to combine
     across ranks, tensor): "mean" (losses, gradients: what DeepSpeed averages), "rows" (per-sample
     Sinkhorn codes: concatenated), "same" (the co-occurrence table: identical on every rank)."""
     out = []
-    for term in ("divergence", "drop", "soft", "category"):
+    for term in ("divergence", "drop", "soft", "category", "category_queue"):
         p = [t.clone().requires_grad_() for t in (wi, wt, protos)]
         scale = torch.tensor([3.0], requires_grad=True)
         img, txt = F.normalize(xi @ p[0], dim=-1), F.normalize(xt @ p[1], dim=-1)
@@ -406,6 +407,9 @@ def _dist_losses(xi, xt, wi, wt, ema_i, ema_t, protos, cats):
             prior.update(cats, codes)  # fill the table once so the prior mixing is exercised
             loss = category_loss(si, st, cats=cats, prior=prior, prior_mix=0.4)
             out += [("rows", codes), ("same", prior.counts.clone())]
+            if term == "category_queue":  # each rank's own queued rows join the (global) Sinkhorn batch
+                loss = category_loss(si, st, image_queue_scores=queue[0] @ protos_n.T,
+                                     text_queue_scores=queue[1] @ protos_n.T)
         loss.backward()
         out.append(("mean", loss.detach().reshape(1)))
         out += [("mean", t.grad if t.grad is not None else torch.zeros_like(t)) for t in p + [scale]]
@@ -416,11 +420,12 @@ def _dist_worker(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    xi, xt, wi, wt, ema_i, ema_t, protos, cats = _dist_inputs()
-    n = xi.shape[0] // world
+    xi, xt, wi, wt, ema_i, ema_t, protos, cats, queue = _dist_inputs()
+    n, nq = xi.shape[0] // world, queue.shape[1] // world
     sl = slice(rank * n, (rank + 1) * n)
     result = []
-    for how, t in _dist_losses(xi[sl], xt[sl], wi, wt, ema_i, ema_t, protos, cats[sl]):
+    for how, t in _dist_losses(xi[sl], xt[sl], wi, wt, ema_i, ema_t, protos, cats[sl],
+                               queue[:, rank * nq:(rank + 1) * nq]):
         if how == "rows":
             parts = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(parts, t.contiguous())
@@ -443,3 +448,27 @@ def test_two_ranks_equal_one_rank_for_every_cross_rank_term():
     assert len(got) == len(ref)
     for i, (r, g) in enumerate(zip(ref, got)):
         assert torch.allclose(r.detach(), torch.from_numpy(g), rtol=1e-5, atol=1e-6), (i, r, g)
+
+
+def test_feature_queue_is_fifo_keeps_no_skipped_batch_and_feeds_sinkhorn():
+    from mlip_ds.model.prototypes import FeatureQueue
+    q = FeatureQueue(size=5, dim=2)
+    assert q.rows()[0].shape == (0, 2)
+    batch = lambda v: torch.full((2, 2), float(v))  # noqa: E731
+    for v in (1, 2, 3):
+        q.push(batch(v), -batch(v))
+    img, txt = q.rows()
+    assert img[:, 0].tolist() == [3, 3, 2, 2, 1] and torch.equal(txt, -img)  # newest first, capped at 5
+    q.push(batch(float("nan")), batch(4))  # a non-finite (skipped) batch leaves no trace
+    assert q.rows()[0][:, 0].tolist() == [3, 3, 2, 2, 1]
+    # The queued rows join the Sinkhorn batch; the batch's codes are the first rows of that.
+    torch.manual_seed(0)
+    s_img, s_txt, qi, qt = (torch.randn(n, 16) for n in (4, 4, 12, 12))
+    with_queue = category_loss(s_img, s_txt, image_queue_scores=qi, text_queue_scores=qt)
+    ci, ct = sinkhorn(torch.cat([s_img, qi]))[:4], sinkhorn(torch.cat([s_txt, qt]))[:4]
+    assert torch.allclose(with_queue, swapped_prediction(s_img, s_txt, ci, ct))
+    assert torch.allclose(category_loss(s_img, s_txt, image_queue_scores=qi[:0], text_queue_scores=qt[:0]),
+                          category_loss(s_img, s_txt))
+    # Why the queue: 4 samples over 16 prototypes must spread each code over >= 4 prototypes;
+    # with 12 more rows in the batch the codes can be sharper.
+    assert sinkhorn(torch.cat([s_img, qi]))[:4].max(1).values.mean() > sinkhorn(s_img).max(1).values.mean()

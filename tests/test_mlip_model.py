@@ -94,7 +94,7 @@ def test_forward_shapes_and_only_enabled_parts_built(setup, terms):
     if "local" in terms:
         t, p = batch["text"].shape[1] - 1, (64 // 8) ** 2
         assert out["text_tokens"].shape == (b, t, 64) and out["patch_tokens"].shape == (b, p, 64)
-        assert out["token_patch_attn"].shape == (b, t, p) and out["token_mask"].shape == (b, t)
+        assert out["token_patch_attn"] is None and out["token_mask"].shape == (b, t)  # training: not computed
     if "category" in terms:
         assert out["proto_image"].shape == out["proto_text"].shape == (b, SMALL["num_prototypes"])
     if "itm" in terms:
@@ -139,6 +139,26 @@ def test_grounding_maps_and_importance_weights(setup):
     # Patch weights: the ViT's last-block CLS attention over the patches.
     pw = out["patch_weights"]
     assert pw.shape == (batch["image"].shape[0], 64) and (pw >= 0).all() and (pw.sum(-1) <= 1 + 1e-5).all()
+    # ... as nn.MultiheadAttention itself returns it when asked for weights (row 0, patches only).
+    attn = model.visual.transformer.resblocks[-1].attn
+    seen = {}
+    handle = attn.register_forward_hook(lambda m, args, output: seen.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            model.visual(batch["image"])
+        handle.remove()
+        with torch.no_grad():
+            ref = attn(seen["x"], seen["x"], seen["x"], need_weights=True, average_attn_weights=True)[1]
+    finally:
+        handle.remove()
+    assert torch.allclose(pw, ref[:, 0, 1:], atol=1e-5)
+    # Training mode leaves the grounding maps out unless asked for.
+    model.train()
+    with torch.no_grad():
+        inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu")
+        assert model(**inputs)["token_patch_attn"] is None
+        asked = model(**inputs, return_attention=True)
+    assert torch.allclose(asked["token_patch_attn"].sum(-1)[mask], torch.ones(int(mask.sum())), atol=1e-5)
 
 
 def test_ema_step_and_mlip_state(setup):

@@ -104,15 +104,24 @@ def swapped_prediction(image_scores: torch.Tensor, text_scores: torch.Tensor, im
 def category_loss(image_scores: torch.Tensor, text_scores: torch.Tensor, temperature: float = 0.2,
                   eps: float = 0.05, iters: int = 3, cats: torch.Tensor | None = None,
                   prior: CooccurrencePrior | None = None, prior_mix: float = 0.0,
-                  update_prior: bool = True) -> torch.Tensor:
+                  update_prior: bool = True, image_queue_scores: torch.Tensor | None = None,
+                  text_queue_scores: torch.Tensor | None = None) -> torch.Tensor:
     """Category-level loss from prototype scores (B, K) of the image and text embeddings.
 
-    Codes come from the (all-reduced) Sinkhorn; with ``prior`` and ``prior_mix`` > 0, each sample's
-    code becomes (1 - prior_mix)·code + prior_mix·prior(cats) where the sample's categories have been
-    seen; the prior is then updated with the mean of the two codes (before mixing).
+    Codes come from the (all-reduced) Sinkhorn, over the batch and, when given, the (n, K) scores of
+    queued embeddings (``FeatureQueue``; only the batch's codes are used); with ``prior`` and
+    ``prior_mix`` > 0, each sample's code becomes (1 - prior_mix)·code + prior_mix·prior(cats) where
+    the sample's categories have been seen; the prior is then updated with the mean of the two codes
+    (before mixing).
     """
-    image_codes = sinkhorn(image_scores, eps=eps, iters=iters)
-    text_codes = sinkhorn(text_scores, eps=eps, iters=iters)
+    b = image_scores.shape[0]
+
+    def codes(scores, queued):
+        rows = scores if queued is None or queued.shape[0] == 0 else torch.cat([scores, queued.to(scores.dtype)])
+        return sinkhorn(rows, eps=eps, iters=iters)[:b]
+
+    image_codes = codes(image_scores, image_queue_scores)
+    text_codes = codes(text_scores, text_queue_scores)
     if prior is not None and cats is not None:
         if prior_mix > 0:
             p, has = prior.prior(cats)

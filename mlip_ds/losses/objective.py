@@ -38,7 +38,9 @@ class ObjectiveConfig:
     # local
     local_temperature: float = field(default=0.1, metadata={"help": "token-level InfoNCE temperature"})
     local_heads: int = field(default=4, metadata={"help": "heads of the TKP cross-attentions"})
-    local_dim: int = field(default=128, metadata={"help": "width of the local (token/patch) space"})
+    local_dim: int = field(default=0, metadata={
+        "help": "width of the local (token/patch) space; 0: auto, 128 (the method's) or the image tower's "
+                "width if narrower"})
     local_knowledge: bool = field(default=True, metadata={"help": "tokens attend to knowledge before patches"})
     # category
     num_prototypes: int = field(default=500, metadata={"help": "K prototypes"})
@@ -46,13 +48,18 @@ class ObjectiveConfig:
     sinkhorn_eps: float = field(default=0.05, metadata={"help": "Sinkhorn entropy ε"})
     sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn iterations"})
     freeze_prototypes_epochs: int = field(default=1, metadata={"help": "epochs with frozen prototypes"})
+    proto_queue: int = field(default=0, metadata={
+        "help": "embeddings of past batches kept per rank and added to the Sinkhorn batch (SwAV's queue, "
+                "for global batches smaller than K); 0: off"})
     prior_mix: float = field(default=0.3, metadata={
         "help": "weight of the category co-occurrence prior in the Sinkhorn target (0: off)"})
     # fusion / proxy tasks
-    tucker_rank_v: int = 32
-    tucker_rank_t: int = 32
-    tucker_rank_k: int = 16
-    tucker_out: int = field(default=256, metadata={"help": "Tucker fusion output width"})
+    # Fusion sizes, 0: auto from the embedding width E (model/mlip.py ``head_sizes``): the method's
+    # 32/32/16 -> 256 for E >= 128, scaled down for narrower towers, whose step they would dominate.
+    tucker_rank_v: int = field(default=0, metadata={"help": "Tucker rank of the image factor (0: auto)"})
+    tucker_rank_t: int = field(default=0, metadata={"help": "Tucker rank of the text factor (0: auto)"})
+    tucker_rank_k: int = field(default=0, metadata={"help": "Tucker rank of the knowledge factor (0: auto)"})
+    tucker_out: int = field(default=0, metadata={"help": "Tucker fusion output width (0: auto)"})
     swap_prob: float = field(default=0.5, metadata={"help": "probability of swapping a report"})
     swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
     aux_start_steps: int = field(default=0, metadata={

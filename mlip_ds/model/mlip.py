@@ -8,7 +8,8 @@ model's) and builds only what the enabled terms of ``ObjectiveConfig`` need:
   global      -                                                        -
   divergence  ``ema_visual``, ``ema_text`` (EMA copies, no gradient)   EMA towers on the second view
   local       ``tkp`` (TKPAttention); tower tokens + CLS attentions    token-knowledge-patch attention
-  category    ``prototypes`` (+ ``prior``, the co-occurrence table)     prototype scores
+  category    ``prototypes`` (+ ``prior``, the co-occurrence table,     prototype scores
+              + ``proto_queue``, SwAV's queue, when asked)
   itm         ``fusion`` (Tucker), ``itm_head``                         3B fused pairs
   swap        ``fusion``, ``swap_head``                                 the swapped reports' text tower pass
   knowledge   ``knowledge`` (KnowledgeEncoder), when local/itm/swap     text tower on the batch's concepts
@@ -40,7 +41,7 @@ from mlip_ds.model.concepts import ConceptVocab, unique_rows
 from mlip_ds.model.divergence import ema_update, make_ema_copy, momentum_schedule
 from mlip_ds.model.heads import ITMHead, SwapHead
 from mlip_ds.model.knowledge_encoder import KnowledgeEncoder
-from mlip_ds.model.prototypes import CooccurrencePrior, Prototypes
+from mlip_ds.model.prototypes import CooccurrencePrior, FeatureQueue, Prototypes
 from mlip_ds.model.tkp_attention import TKPAttention
 from mlip_ds.model.tucker import TuckerFusion
 
@@ -62,6 +63,22 @@ def mlip_parts_on(objective: ObjectiveConfig) -> bool:
         objective.use_global and objective.false_negatives != "off")
 
 
+def head_sizes(objective: ObjectiveConfig, embed_dim: int, vision_width: int | None = None) -> ObjectiveConfig:
+    """``objective`` with its auto (0) head sizes filled in from the towers' widths.
+
+    For towers at least as wide as the method's heads (ViT-B: E = 512, width 768) these are the
+    method's defaults: local width 128, Tucker ranks 32/32/16 and output 256. Narrower towers (the
+    tiny CPU model: E = 64) get heads scaled to them (local width = the image tower's width, ranks
+    E/4, E/4, E/8, output E): a 4.2 M-parameter Tucker core on a 0.3 M-parameter model would make
+    the fusion, not the towers, the step's cost. Explicit (non-zero) values are kept.
+    """
+    o = objective
+    rank = min(32, max(4, embed_dim // 4))
+    auto = {"local_dim": min(128, vision_width or 128), "tucker_rank_v": rank, "tucker_rank_t": rank,
+            "tucker_rank_k": max(2, rank // 2), "tucker_out": min(256, max(16, embed_dim))}
+    return replace(o, **{k: v for k, v in auto.items() if getattr(o, k) <= 0})
+
+
 class MLIPModel(nn.Module):
     """See the module doc. ``clip`` is an open_clip ``CustomTextCLIP`` (ViT or ResNet image tower,
     Hugging Face text tower); its towers are taken over (shared, not copied). ``num_concepts`` and
@@ -72,14 +89,14 @@ class MLIPModel(nn.Module):
     def __init__(self, clip: nn.Module, objective: ObjectiveConfig, num_concepts: int = 0,
                  num_categories: int = 0, special_ids: tuple[int, ...] = (0,)):
         super().__init__()
-        self.objective = replace(objective)
-        self.needs = needs(objective)
+        embed_dim = int(clip.visual.output_dim)
+        width = getattr(getattr(clip.visual, "transformer", None), "width", None)
+        self.objective = o = head_sizes(objective, embed_dim, int(width) if width else None)
+        self.needs = needs(o)
         self.special_ids = tuple(int(i) for i in special_ids)
         self._capture, self._captured = False, {}  # CLS-attention hooks (local term)
         self.visual, self.text, self.logit_scale = clip.visual, clip.text, clip.logit_scale
         object.__setattr__(self, "_clip", clip)  # for export: the same towers, not a registered child
-        o = objective
-        embed_dim = int(clip.visual.output_dim)
         if o.use_divergence:  # copies of the towers as they are now; they give pooled features only
             self.ema_visual = make_ema_copy(self.visual).eval()
             self.ema_text = make_ema_copy(self.text).eval()
@@ -97,6 +114,8 @@ class MLIPModel(nn.Module):
                                     use_knowledge=o.local_knowledge)
         if o.use_category:
             self.prototypes = Prototypes(embed_dim, o.num_prototypes)
+            if o.proto_queue > 0:
+                self.proto_queue = FeatureQueue(o.proto_queue, embed_dim)
             if o.prior_mix > 0:
                 if num_categories <= 0:
                     raise ValueError("--prior-mix > 0 needs the knowledge categories: pass num_categories")
@@ -124,22 +143,19 @@ class MLIPModel(nn.Module):
         text.output_tokens = True
         self._vision_width = int(visual.transformer.width)
         self._text_width = int(text.transformer.config.hidden_size)
-        # Image: the last block's attention, asked for its (head-averaged) weights.
+        # Image: the last block's attention input is recorded and its CLS row recomputed from the
+        # in-projection (``_image_cls_attention``); asking nn.MultiheadAttention for its weights
+        # instead would move the whole block off the fused attention kernel.
         blocks = getattr(visual.transformer, "resblocks", None)
         if blocks is not None and isinstance(getattr(blocks[-1], "attn", None), nn.MultiheadAttention):
-            attn = blocks[-1].attn
+            object.__setattr__(self, "_image_attn", blocks[-1].attn)  # not a second registered child
 
-            def want_weights(module, args, kwargs):
+            def keep_input(module, args, kwargs):
                 if self._capture:
-                    kwargs = {**kwargs, "need_weights": True, "average_attn_weights": True}
-                return args, kwargs
+                    query = args[0] if args else kwargs["query"]
+                    self._captured["image_x"] = query.detach()
 
-            def keep_weights(module, args, kwargs, output):
-                if self._capture and output[1] is not None:
-                    self._captured["image"] = output[1][:, 0, 1:].detach()
-
-            attn.register_forward_pre_hook(want_weights, with_kwargs=True)
-            attn.register_forward_hook(keep_weights, with_kwargs=True)
+            blocks[-1].attn.register_forward_pre_hook(keep_input, with_kwargs=True)
         # Text: BERT-style self-attention of the last layer; its query/key projections are recorded
         # (sdpa attention does not return weights) and the CLS row is recomputed from them.
         try:
@@ -158,6 +174,26 @@ class MLIPModel(nn.Module):
 
         query.register_forward_hook(keep("q"))
         key.register_forward_hook(keep("k"))
+
+    def _image_cls_attention(self, captured: dict) -> torch.Tensor | None:
+        """(B, P) last-block attention of the CLS token over the patches, head-averaged: what
+        ``nn.MultiheadAttention(need_weights=True)`` returns for row 0, from the block's input."""
+        x = captured.get("image_x")
+        if x is None:
+            return None
+        attn = self._image_attn
+        if not attn.batch_first:
+            x = x.transpose(0, 1)
+        b, n, d = x.shape
+        h = attn.num_heads
+        w = attn.in_proj_weight.detach().float()
+        bias = None if attn.in_proj_bias is None else attn.in_proj_bias.detach().float()
+        q = F.linear(x[:, :1].float(), w[:d], None if bias is None else bias[:d])
+        k = F.linear(x.float(), w[d:2 * d], None if bias is None else bias[d:2 * d])
+        q = q.reshape(b, 1, h, d // h).transpose(1, 2)
+        k = k.reshape(b, n, h, d // h).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(d // h)  # (B, H, N)
+        return scores.softmax(dim=-1).mean(dim=1)[:, 1:]
 
     def _text_cls_attention(self, captured: dict, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, L-1) last-layer attention of the CLS token over the other positions, head-averaged."""
@@ -202,14 +238,16 @@ class MLIPModel(nn.Module):
                 swap_tokens: torch.Tensor | None = None, swap_rows: torch.Tensor | None = None,
                 swap_labels: torch.Tensor | None = None, swap_mention_ids: torch.Tensor | None = None,
                 swap_mention_neg: torch.Tensor | None = None, swap_mention_mask: torch.Tensor | None = None,
-                swap_mention_rows: torch.Tensor | None = None) -> dict:
+                swap_mention_rows: torch.Tensor | None = None, return_attention: bool | None = None) -> dict:
         """Outputs (a dict) for the enabled terms; the inputs are ``BatchPreparer``'s keys.
 
         Always: ``image_features``, ``text_features`` (L2-normalised, (B, E)), ``logit_scale``.
         divergence: ``image_features_ema``, ``text_features_ema`` (no gradient).
         local: ``patch_tokens`` (B, P, Wv), ``text_tokens`` (B, L-1, Wt), ``token_mask``,
         ``token_weights``/``patch_weights`` (CLS attentions or None), ``tkp`` (TKPOutput) and
-        ``token_patch_attn`` (B, L-1, P): the grounding maps (row t: where token t looks in the image).
+        ``token_patch_attn`` (B, L-1, P): the grounding maps (row t: where token t looks in the image),
+        computed when ``return_attention`` (default: in eval mode; the loss does not need them, and
+        the training step is faster without them), else None.
         knowledge: ``knowledge`` (KnowledgeOutput). category: ``proto_image``/``proto_text`` (B, K).
         itm: ``itm_logits`` (3B, 2), ``itm_labels``. swap: ``swap_logits`` (B, 2), ``swap_labels``.
         """
@@ -235,13 +273,20 @@ class MLIPModel(nn.Module):
         if o.use_local:
             tmask = token_mask(text[:, 1:], self.special_ids)
             token_w = self._text_cls_attention(captured, text)
-            tkp = self.tkp(text_tokens, tmask, patch_tokens,
-                           know.tokens if know is not None else None, know.mask if know is not None else None)
+            want_attn = (not self.training) if return_attention is None else return_attention
+            tkp = self.tkp(text_tokens, tmask, patch_tokens, know.tokens if know is not None else None,
+                           know.mask if know is not None else None, need_weights=want_attn)
             out.update(patch_tokens=patch_tokens, text_tokens=text_tokens, token_mask=tmask,
-                       token_weights=token_w, patch_weights=captured.get("image"), tkp=tkp,
+                       token_weights=token_w, patch_weights=self._image_cls_attention(captured), tkp=tkp,
                        token_patch_attn=tkp.attn)
         if o.use_category:
             out["proto_image"], out["proto_text"] = self.prototypes(img), self.prototypes(txt)
+            if hasattr(self, "proto_queue"):
+                q_img, q_txt = self.proto_queue.rows()
+                with torch.no_grad():
+                    out["proto_image_queue"], out["proto_text_queue"] = self.prototypes(q_img), self.prototypes(q_txt)
+                if self.training:
+                    self.proto_queue.push(img, txt)
         if o.use_itm:
             logits = (out["logit_scale"] * img @ txt.T).detach()  # ALBEF: softmax of the scaled similarities
             gen = torch.Generator(device=img.device).manual_seed(int(itm_seed))
@@ -295,7 +340,9 @@ def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: Co
         terms["category"] = category_loss(out["proto_image"].float(), out["proto_text"].float(),
                                           temperature=o.proto_temperature, eps=o.sinkhorn_eps,
                                           iters=o.sinkhorn_iters, cats=cats, prior=prior,
-                                          prior_mix=o.prior_mix, update_prior=update_prior)
+                                          prior_mix=o.prior_mix, update_prior=update_prior,
+                                          image_queue_scores=out.get("proto_image_queue"),
+                                          text_queue_scores=out.get("proto_text_queue"))
     if o.use_itm:
         terms["itm"] = itm_loss(out["itm_logits"], out["itm_labels"])
     if o.use_swap:

@@ -55,6 +55,44 @@ class Prototypes(nn.Module):
         return F.normalize(features, dim=-1) @ F.normalize(w, dim=-1).T
 
 
+class FeatureQueue(nn.Module):
+    """The last ``size`` image and text embeddings of this rank (SwAV's queue), first in, first out.
+
+    Why: Sinkhorn spreads the global batch evenly over the K prototypes; with fewer samples than
+    prototypes each sample's code must spread over several, and the targets say little. The queued
+    embeddings (scored with the current prototypes, no gradient) join the Sinkhorn batch; only the
+    batch's own codes are used. The buffers are not saved: after a resume the queue fills again.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("image", torch.zeros(size, dim), persistent=False)
+        self.register_buffer("text", torch.zeros(size, dim), persistent=False)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=False)
+        self._full = False  # once full it stays full: no more reading ``filled`` on the host
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part, newest first: (n, dim) image and text embeddings."""
+        if not self._full:
+            n = int(self.filled)
+            self._full = n == self.image.shape[0]
+        else:
+            n = self.image.shape[0]
+        return self.image[:n], self.text[:n]
+
+    @torch.no_grad()
+    def push(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        """Put the batch's (B, dim) embeddings in front; a batch with a non-finite value is not kept
+        (a skipped step must leave no trace)."""
+        b = min(image.shape[0], self.image.shape[0])
+        ok = torch.isfinite(image).all() & torch.isfinite(text).all()
+        for buf, new in ((self.image, image), (self.text, text)):
+            shifted = torch.cat([new[:b].detach().to(buf.dtype), buf[:-b]]) if b < buf.shape[0] else \
+                new[:b].detach().to(buf.dtype)
+            buf.copy_(torch.where(ok, shifted, buf))
+        self.filled.copy_(torch.where(ok, (self.filled + b).clamp(max=self.image.shape[0]), self.filled))
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Soft assignments Q (B_local, K) from prototype scores, SwAV's (distributed) Sinkhorn-Knopp.

@@ -21,10 +21,10 @@ from torch import nn
 class TKPOutput:
     tokens: torch.Tensor          # (B, T, D) knowledge-enriched tokens
     contexts: torch.Tensor        # (B, T, D) visual context of each token
-    attn: torch.Tensor            # (B, T, P) token -> patch attention, averaged over heads
+    attn: torch.Tensor | None     # (B, T, P) token -> patch attention, averaged over heads (None: not asked)
     patches: torch.Tensor         # (B, P, D) patch tokens in the shared width
     patch_contexts: torch.Tensor  # (B, P, D) textual context of each patch
-    patch_attn: torch.Tensor      # (B, P, T) patch -> token attention, averaged over heads
+    patch_attn: torch.Tensor | None  # (B, P, T) patch -> token attention, averaged over heads
 
 
 def _proj(d_in: int | None, d: int) -> nn.Module:
@@ -54,10 +54,13 @@ class TKPAttention(nn.Module):
         self.patch2tok = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, patches: torch.Tensor,
-                knowledge: torch.Tensor | None = None, knowledge_mask: torch.Tensor | None = None) -> TKPOutput:
+                knowledge: torch.Tensor | None = None, knowledge_mask: torch.Tensor | None = None,
+                need_weights: bool = True) -> TKPOutput:
         """``tokens`` (B, T, token_dim), ``token_mask`` (B, T) bool True for real (non-pad, non-special)
         tokens; ``patches`` (B, P, patch_dim); ``knowledge`` (B, M, knowledge_dim) with ``knowledge_mask``
-        (B, M) bool True for present mentions."""
+        (B, M) bool True for present mentions. ``need_weights=False`` leaves ``attn``/``patch_attn``
+        out (None): the loss does not use them, and without them the cross-attentions run on the fused
+        attention kernel (the training step)."""
         token_mask = token_mask.bool()
         keep = token_mask.unsqueeze(-1).to(tokens.dtype)
         x = self.token_proj(tokens) * keep  # padded values never reach any computation below
@@ -71,13 +74,14 @@ class TKPAttention(nn.Module):
                 kmask[:, 1:] = knowledge_mask.bool()
             enriched, _ = self.tok2know(x, k, k, key_padding_mask=~kmask, need_weights=False)
             x = self.norm(x + enriched) * keep
-        contexts, attn = self.tok2patch(x, p, p, need_weights=True, average_attn_weights=True)
+        contexts, attn = self.tok2patch(x, p, p, need_weights=need_weights, average_attn_weights=True)
         # Patch -> token: padded tokens are masked keys. A sample with no valid token gets one
         # unmasked slot (holding zeros) so the softmax stays finite; the local loss ignores it.
         key_mask = token_mask.clone()
         empty = ~key_mask.any(dim=1)
         key_mask[empty, 0] = True
         patch_contexts, patch_attn = self.patch2tok(p, x, x, key_padding_mask=~key_mask,
-                                                    need_weights=True, average_attn_weights=True)
-        return TKPOutput(tokens=x, contexts=contexts * keep, attn=attn * keep, patches=p,
-                         patch_contexts=patch_contexts, patch_attn=patch_attn * token_mask.unsqueeze(1))
+                                                    need_weights=need_weights, average_attn_weights=True)
+        return TKPOutput(tokens=x, contexts=contexts * keep, attn=None if attn is None else attn * keep, patches=p,
+                         patch_contexts=patch_contexts,
+                         patch_attn=None if patch_attn is None else patch_attn * token_mask.unsqueeze(1))
