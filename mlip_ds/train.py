@@ -307,10 +307,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                     after_optimizer_step(module, state["step"], total_steps, ds_stage)
                     progress.update(1)
                     if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                        terms = _mean_over_ranks_dict(named)
+                        terms, skipped = _reduce_for_log(named, rank_state["skipped"])
                         last_loss = terms["loss/total"]
-                        _log(writer, state, rank_state, window, terms, engine, out["logit_scale"], progress,
-                             out_dir)
+                        _log(writer, state, skipped, window, terms, engine, out["logit_scale"], progress, out_dir)
                     if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
                         save_checkpoint()
                 elif nan_check == "sync":
@@ -325,7 +324,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         else:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
-            state["skipped_before_epoch"] += sum(_all_ranks_sum(rank_state["skipped"]))
+            state["skipped_before_epoch"] += sum(_all_ranks_sum(rank_state["skipped"], device))
             rank_state.update(positions=[0] * streams, skipped=[0] * streams)
             continue
         break
@@ -437,22 +436,26 @@ def _injected_nan_steps() -> set[int]:
     return {int(s) for s in spec[len("nan_at:"):].split(",")} if spec.startswith("nan_at:") else set()
 
 
-def _all_ranks_sum(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_ranks_sum(values: list[int], device) -> list[int]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return [int(v) for v in t.tolist()]
 
 
-def _mean_over_ranks_dict(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each value averaged over ranks, in one all-reduce (same keys on every rank)."""
+def _reduce_for_log(values: dict[str, torch.Tensor], skipped: list[int]) -> tuple[dict[str, float], int]:
+    """The loss terms averaged over ranks and the bad samples skipped this epoch summed over ranks,
+    in one all-reduce (same keys on every rank): one collective per logged step, not two."""
     names = sorted(values)
-    x = torch.stack([values[k].detach().float().reshape(()) for k in names])
+    device = values[names[0]].device  # the backend's device (NCCL takes no host tensors)
+    x = torch.cat([torch.stack([values[k].detach().reshape(()) for k in names]).double(),
+                   torch.tensor([float(sum(skipped))], dtype=torch.float64, device=device)])
     dist.all_reduce(x)
-    return dict(zip(names, (x / dist.get_world_size()).tolist()))
+    means = (x[:-1] / dist.get_world_size()).tolist()
+    return dict(zip(names, means)), int(x[-1])
 
 
-def _log(writer, state, rank_state, window, terms, engine, logit_scale, progress, out_dir) -> None:
-    skipped = state["skipped_before_epoch"] + sum(_all_ranks_sum(rank_state["skipped"]))  # collective
+def _log(writer, state, skipped_this_epoch, window, terms, engine, logit_scale, progress, out_dir) -> None:
+    skipped = state["skipped_before_epoch"] + skipped_this_epoch
     if writer is None:
         return
     elapsed = max(time.time() - window["t0"], 1e-9)

@@ -101,3 +101,12 @@ def test_bench_throughput(tmp_path):
     assert body[0][0].startswith("open_clip_train") and body[0][4] == "1.00"
     m = re.search(r"model tiny \(([\d,]+) parameters; open_clip_train's model: ([\d,]+)\)", out)
     assert m and m.group(1) == m.group(2), "both trainers must train the same towers"
+
+
+def test_bench_engine(tmp_path):
+    out = run_tool("bench_engine.py", ["--systems", "ddp,zero2+flags", "--steps", 1, "--warmup", 0, "--rounds", 1,
+                                       "--batch-size", 4], tmp_path)
+    check_machine(out)
+    [t] = tables(out)
+    body = check_table(t, ["system", "step ms", "samples/s", "runs (samples/s)", "x ddp"], [1, 2, 4], 2)
+    assert [r[0] for r in body] == ["ddp", "zero2+flags"] and body[0][4] == "1.00"

@@ -149,3 +149,27 @@ def test_compiled_model_trains_and_exports_the_same_parameter_names(synthetic_sh
     assert summary["step"] == 4 and summary["loss"] == summary["loss"]
     model, _ = load_model(str(out / "export"))  # strict load: no "_orig_mod." prefixes
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def _reduce_worker(rank, world, port, q):
+    import torch
+    import torch.distributed as dist
+
+    from mlip_ds.train import _reduce_for_log
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    values = {"loss/total": torch.tensor(1.0 + rank), "loss/global": torch.tensor(3.0 * rank)}
+    terms, skipped = _reduce_for_log(values, [rank, 2 * rank + 1])  # per-stream counts of this rank
+    q.put((rank, terms, skipped))
+    dist.destroy_process_group()
+
+
+def test_logged_terms_are_rank_means_and_skipped_samples_a_rank_sum():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mp.spawn(_reduce_worker, args=(2, _port(), q), nprocs=2, join=True)
+    got = sorted(q.get(timeout=60) for _ in range(2))
+    for _, terms, skipped in got:
+        assert terms == {"loss/global": 1.5, "loss/total": 1.5} and skipped == (0 + 1) + (1 + 3)
