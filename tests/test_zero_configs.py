@@ -1,4 +1,4 @@
-"""The shipped DeepSpeed configs (ZeRO-2, ZeRO-3, ZeRO-2 with optimizer offload) train the same
+"""The shipped DeepSpeed configs (ZeRO-0, -2, -3, ZeRO-2 with optimizer offload) train the same
 model: on the same data and seed their exported weights agree, so sharding changes memory, not maths."""
 import subprocess
 
@@ -23,7 +23,7 @@ def _train(shards, out, config):
     return out / "export"
 
 
-@pytest.mark.parametrize("config", ["zero3.json", "zero2_offload.json"])
+@pytest.mark.parametrize("config", ["zero0.json", "zero3.json", "zero2_offload.json"])
 def test_config_trains_the_same_weights_as_zero2(config, zero2_export, synthetic_shards, tmp_path):
     other = _train(synthetic_shards, tmp_path, config)
     a, b = load_model(str(zero2_export))[0].state_dict(), load_model(str(other))[0].state_dict()

@@ -13,6 +13,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +73,34 @@ def wait_for_quiet(max_load: float, max_wait: float) -> str:
     quiet = os.getloadavg()[0] < max_load
     return (f"waited {waited:.0f} s for 1-min load < {max_load}: "
             + ("reached" if quiet else f"NOT reached, measured anyway (load {load_avg()})"))
+
+
+def add_common_args(ap) -> None:
+    """``--work``, ``--wait-load``, ``--wait-max``: what every benchmark script takes."""
+    ap.add_argument("--work", default="", help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--wait-load", type=float, default=1.0, help="wait for a 1-min load below this first (0: no)")
+    ap.add_argument("--wait-max", type=float, default=600, help="at most this many seconds")
+
+
+def work_dir(work: str, prefix: str):
+    """(folder, TemporaryDirectory or None): ``--work`` when given, else a temporary folder."""
+    if work:
+        path = Path(work).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path, None
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return Path(tmp.name), tmp
+
+
+def begin(args) -> dict:
+    """Wait for a quiet machine (``--wait-load``/``--wait-max``); the note and the load at the start."""
+    note = wait_for_quiet(args.wait_load, args.wait_max)
+    return {"note": note, "load_start": load_avg()}
+
+
+def machine_line(begun: dict, load_end: str | None = None) -> str:
+    """The ``machine: ...`` line every table comes with."""
+    return f"machine: {machine(begun['load_start'])}; load avg at end {load_end or load_avg()}; {begun['note']}"
 
 
 def free_port() -> int:

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, bench_env, free_port, machine, median, run_logged, show, table,  # noqa: E402
-                          wait_for_quiet)
+from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, machine_line, median,  # noqa: E402
+                          run_logged, show, table, work_dir)
 
 SYSTEMS = ("ddp", "zero0", "zero2", "zero2+flags")
 
@@ -107,9 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="runs per system, interleaved")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--work", default="/tmp/mlip_bench_engine")
-    ap.add_argument("--wait-load", type=float, default=1.0)
-    ap.add_argument("--wait-max", type=float, default=600)
+    add_common_args(ap)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -120,10 +118,8 @@ def main(argv=None) -> None:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    note = wait_for_quiet(args.wait_load, args.wait_max)
-    start = machine()
+    work, tmp = work_dir(args.work, "bench_engine_")
+    begun = begin(args)
     rates: dict[str, list[float]] = {s: [] for s in systems}
     steps: dict[str, list[float]] = {s: [] for s in systems}
     cmds = {}
@@ -140,7 +136,7 @@ def main(argv=None) -> None:
             rates[system].append(res["samples_per_s"])
             steps[system].append(res["step_s"] * 1000)
             print(f"round {r} {system}: {res['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
-    print(f"machine: {start}; load avg at end {machine().rsplit('at start ', 1)[1]}; {note}")
+    print(machine_line(begun))
     print(f"model {args.model}, {args.ranks} ranks x batch {args.batch_size}, fp32, one fixed batch per rank (no "
           f"loader), median step of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), medians")
     base = median(rates[systems[0]])
@@ -149,6 +145,8 @@ def main(argv=None) -> None:
     print(table(["system", "step ms", "samples/s", "runs (samples/s)", f"x {systems[0]}"], rows))
     for s in systems:
         print(f"  {s}: {cmds[s]}")
+    if tmp:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (bench_env, load_avg, machine, make_synthetic_shards, median, ours_cmd,  # noqa: E402
-                          ours_rates, run_logged, show, table, wait_for_quiet)
+from bench_common import (add_common_args, begin, bench_env, load_avg, machine_line,  # noqa: E402
+                          make_synthetic_shards, median, ours_cmd, ours_rates, run_logged, show, table,
+                          work_dir)
 
 
 def loader_rate(objective: str, shards: Path, model: str, batch_size: int, batches: int, warmup: int,
@@ -76,26 +76,17 @@ def main(argv=None) -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="rounds (loader, train) per objective")
     ap.add_argument("--samples", type=int, default=1024, help="synthetic samples in the shards")
-    ap.add_argument("--work", default="")
-    ap.add_argument("--wait-load", type=float, default=1.0)
-    ap.add_argument("--wait-max", type=float, default=600)
+    add_common_args(ap)
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     os.environ.update({k: v for k, v in bench_env().items() if k in ("OMP_NUM_THREADS", "DS_ACCELERATOR",
                                                                      "TOKENIZERS_PARALLELISM")})
     from mlip_ds.model.towers import load_model_config
     image_size = load_model_config(args.model)["preprocess"]["image_size"]
-    tmp = None
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_loader_")
-        work = Path(tmp.name)
+    work, tmp = work_dir(args.work, "bench_loader_")
     shards = make_synthetic_shards(work / "shards", args.samples, image_size, samples_per_shard=max(16, args.samples // 8))
     objectives = [o for o in args.objectives.split(",") if o]
-    note = wait_for_quiet(args.wait_load, args.wait_max)
-    load_start = load_avg()
+    begun = begin(args)
     loader: dict[str, list[float]] = {o: [] for o in objectives}
     train: dict[str, list[dict]] = {o: [] for o in objectives}
     cmds = {}
@@ -119,7 +110,7 @@ def main(argv=None) -> None:
         rows.append([o, f"{lr:.1f}", " / ".join(f"{x:.1f}" for x in loader[o]), f"{per_rank:.1f}",
                      f"{per_rank * args.ranks:.1f}", f"{lr / per_rank:.2f}",
                      f"{100 * median(r['data_wait'] for r in train[o]):.0f}%"])
-    print(f"machine: {machine(load_start)}; load avg at end {load_end}; {note}")
+    print(machine_line(begun, load_end))
     print(f"model {args.model}, batch {args.batch_size} per rank, {args.workers} loader worker(s), "
           f"{args.samples} synthetic samples at {image_size} px; loader: {args.batches} batches after {args.warmup}, "
           f"alone; training: {args.ranks} ranks, ZeRO-2, fp32, median per-step rate of {args.steps} steps after "

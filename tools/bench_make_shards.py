@@ -25,11 +25,11 @@ import argparse
 import csv
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, load_avg, machine, run_logged, show, table, wait_for_quiet  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, load_avg, machine_line, run_logged,  # noqa: E402
+                          show, table, work_dir)
 
 SOURCES = ("synthetic", "csv", "csv --link")
 
@@ -75,9 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--image-size", type=int, default=256, help="make_shards --image-size")
     ap.add_argument("--source-size", type=int, default=512, help="px of the CSV source images")
     ap.add_argument("--repeats", type=int, default=2, help="rounds; medians reported")
-    ap.add_argument("--work", default="")
-    ap.add_argument("--wait-load", type=float, default=1.0)
-    ap.add_argument("--wait-max", type=float, default=600)
+    add_common_args(ap)
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
@@ -87,13 +85,7 @@ def main(argv=None) -> None:
     workers = [int(w) for w in args.workers.split(",") if w]
     if not 0 < args.small < args.samples:
         ap.error("--small must be between 0 and --samples")
-    tmp = None
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_make_shards_")
-        work = Path(tmp.name)
+    work, tmp = work_dir(args.work, "bench_make_shards_")
     csv_path = make_csv_source(work / "csv_src", args.samples, args.source_size) \
         if any(s.startswith("csv") for s in sources) else work / "none.csv"
     small_csv = work / "csv_src" / "studies_small.csv"
@@ -101,8 +93,7 @@ def main(argv=None) -> None:
         lines = csv_path.read_text().splitlines(keepends=True)
         small_csv.write_text("".join(lines[:args.small + 1]))
 
-    note = wait_for_quiet(args.wait_load, args.wait_max)
-    load_start = load_avg()
+    begun = begin(args)
     walls: dict[tuple, list[tuple[float, float]]] = {}
     cmds = {}
     for i in range(args.repeats):
@@ -131,7 +122,7 @@ def main(argv=None) -> None:
             ratio = steady[key] / steady[(source, workers[0])]
             rows.append([source, w, f"{statistics.median(b for _, b in walls[key]):.1f}", f"{e2e[key]:.1f}",
                          fmt(steady[key]), fmt(ratio, 2)])
-    print(f"machine: {machine(load_start)}; load avg at end {load_end}; {note}")
+    print(machine_line(begun, load_end))
     print(f"tools/make_shards.py, {args.samples} samples per timed run (start-up run: {args.small}), "
           f"--image-size {args.image_size}, PNG; CSV source images {args.source_size} px PNG; one image and one "
           f"report per sample (images/s = reports/s); {args.repeats} round(s), medians")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import random
 import statistics
 import sys
@@ -28,11 +27,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench_common import machine  # noqa: E402
 from mlip_ds.config import objective_preset  # noqa: E402
 from mlip_ds.data.text_augment import augment_report  # noqa: E402
 from mlip_ds.data.transforms import train_transform  # noqa: E402
@@ -142,20 +143,6 @@ class Runner:
             self.times["step"].append(t[-1] - t[0])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", load avg %.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}; {os.cpu_count()} logical CPUs visible, torch threads {torch.get_num_threads()}{load}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help="model config (mlip_ds/model/configs) or JSON path")
@@ -187,7 +174,7 @@ def main(argv=None) -> None:
     for m in med.values():
         m["inline"] = m["step"] + m["loader"]
     base = med.get("clip (global)", next(iter(med.values())))
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"model {args.model}, batch {args.batch_size}, median of {args.steps} steps after {args.warmup} "
           f"warm-up, configurations interleaved; concept vocabulary {len(vocab)} ({vocab.source})"
           + (f"; objective overrides {overrides}" if overrides else ""))

@@ -8,6 +8,8 @@ rank, fp32, same number of data-loader workers per rank and one thread per rank:
 
 - ``ours-clip``: ``deepspeed --num_gpus R mlip_ds/train.py --objective clip`` (ZeRO-2,
   ``DS_ACCELERATOR=cpu``, gloo);
+- ``ours-clip-zero0``: the same with ``ds_configs/zero0.json`` (plain data parallelism, what DDP
+  does: no optimizer-state partitioning, whose bookkeeping costs more than it saves on small models);
 - ``open_clip``: ``torchrun --nproc_per_node R -m open_clip_train.main`` (DDP over gloo) with a
   model config holding the same towers: the same open_clip vision-tower config and the same
   Hugging Face BERT-style text tower (``hf_model_name`` pointing at a local copy of our text-model
@@ -39,15 +41,16 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, bench_env, free_port, load_avg, machine, make_synthetic_shards, median,  # noqa: E402
-                          ours_cmd, ours_rates, run_logged, shard_files, show, table, wait_for_quiet)
+from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, load_avg,  # noqa: E402
+                          machine_line, make_synthetic_shards, median, ours_cmd, ours_rates,
+                          run_logged, shard_files, show, table, work_dir)
 
-SYSTEMS = ("ours-clip", "open_clip", "ours-mlip")
+SYSTEMS = ("ours-clip", "ours-clip-zero0", "open_clip", "ours-mlip")
 LABEL = {"ours-clip": "ours, --objective clip (DeepSpeed ZeRO-2)",
+         "ours-clip-zero0": "ours, --objective clip (DeepSpeed ZeRO-0)",
          "open_clip": "open_clip_train (torch DDP)",
          "ours-mlip": "ours, --objective mlip (DeepSpeed ZeRO-2)"}
 # open_clip_train's per-step log line (log every step: the averages are the step's own values)
@@ -182,7 +185,8 @@ def run_system(system: str, args, shards: Path, work: Path, i: int, oc: tuple | 
         res = openclip_rates(log.read_text(errors="replace"), args.warmup)
     else:
         cmd = ours_cmd(system.split("-")[1], shards, out, model=args.model, batch_size=args.batch_size,
-                       steps=args.warmup + args.steps, ranks=args.ranks, workers=args.workers)
+                       steps=args.warmup + args.steps, ranks=args.ranks, workers=args.workers,
+                       ds_config="zero0.json" if system.endswith("-zero0") else "zero2.json")
         wall = run_logged(cmd, work / f"{system}-{i}.log", args.timeout)
         res = ours_rates(out, args.warmup)
     res.update(cmd=cmd, wall=wall, median=median(res["rates"]))
@@ -205,12 +209,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per system, interleaved")
     ap.add_argument("--workers", type=int, default=1, help="data-loader worker processes per rank (both trainers)")
     ap.add_argument("--samples", type=int, default=1024, help="synthetic samples in the shards")
-    ap.add_argument("--work", default="", help="work folder (default: a temporary one, removed)")
     ap.add_argument("--extra-path", default=default_extra_path(),
                     help="folder put first on PYTHONPATH for open_clip_train only, holding pandas and "
                          "webdataset 0.2.86 (default: $MLIP_BENCH_EXTRA, else .bench-extra if present)")
-    ap.add_argument("--wait-load", type=float, default=1.0, help="wait for a 1-min load below this first (0: no)")
-    ap.add_argument("--wait-max", type=float, default=600, help="at most this many seconds")
+    add_common_args(ap)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     args = ap.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -220,13 +222,7 @@ def main(argv=None) -> None:
 
     from mlip_ds.model.towers import load_model_config
     model_cfg = load_model_config(args.model)
-    tmp = None
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_throughput_")
-        work = Path(tmp.name)
+    work, tmp = work_dir(args.work, "bench_throughput_")
     shards = make_synthetic_shards(work / "shards", args.samples, model_cfg["preprocess"]["image_size"],
                                    samples_per_shard=max(16, args.samples // 8))
     oc, oc_note = None, ""
@@ -242,8 +238,7 @@ def main(argv=None) -> None:
             oc = (openclip_model(model_cfg, work, name), name)
     params = param_counts(model_cfg, oc[0] if oc else None, oc[1] if oc else "")
 
-    note = wait_for_quiet(args.wait_load, args.wait_max)
-    load_start = load_avg()
+    begun = begin(args)
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for i in range(args.repeats):
         for system in systems:
@@ -260,7 +255,7 @@ def main(argv=None) -> None:
                      f"{med[s] / med['open_clip']:.2f}" if "open_clip" in med else "n/a",
                      f"{med[s] / med['ours-clip']:.2f}" if "ours-clip" in med else "n/a",
                      f"{100 * median(waits):.0f}%" if waits else "n/a"])
-    print(f"machine: {machine(load_start)}; load avg at end {load_end}; {note}")
+    print(machine_line(begun, load_end))
     print(f"model {args.model} ({params['ours']:,} parameters"
           + (f"; open_clip_train's model: {params['open_clip']:,}" if "open_clip" in params else "")
           + f"), {args.ranks} ranks x batch {args.batch_size} (global {args.ranks * args.batch_size}), fp32, "

@@ -24,13 +24,12 @@ import argparse
 import json
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, bench_env, free_port, load_avg, machine, run_logged, show, table,  # noqa: E402
-                          wait_for_quiet)
+from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, load_avg,  # noqa: E402
+                          machine_line, run_logged, show, table, work_dir)
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -124,9 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="per rank")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--work", default="")
-    ap.add_argument("--wait-load", type=float, default=1.0)
-    ap.add_argument("--wait-max", type=float, default=600)
+    add_common_args(ap)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
@@ -136,16 +133,9 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
 
-    tmp = None
-    if args.work:
-        work = Path(args.work).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_zero_memory_")
-        work = Path(tmp.name)
+    work, tmp = work_dir(args.work, "bench_zero_memory_")
     stages = [int(s) for s in args.stages.split(",") if s]
-    note = wait_for_quiet(args.wait_load, args.wait_max)
-    load_start = load_avg()
+    begun = begin(args)
     rows, cmds, total = [], {}, None
     for stage in stages:
         name = label = f"stage{stage}"
@@ -167,7 +157,7 @@ def main(argv=None) -> None:
                          f"{r['params'] / MIB:.1f}",
                          f"{sorted(steps)[len(steps) // 2]:.1f}" if steps else "n/a", f"{r['loss']:.3f}"])
     load_end = load_avg()
-    print(f"machine: {machine(load_start)}; load avg at end {load_end}; {note}")
+    print(machine_line(begun, load_end))
     print(f"model {args.model} ({total:,} parameters, fp32: {total * 4 / GIB:.2f} GiB; Adam moments "
           f"{total * 8 / GIB:.2f} GiB unpartitioned), {args.ranks} ranks x batch {args.batch_size}, {args.steps} "
           f"step(s), fp32, torch AdamW; per rank: RSS in GiB, optimizer and parameter bytes in MiB")

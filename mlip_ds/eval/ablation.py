@@ -37,8 +37,9 @@ from mlip_ds.losses.objective import TERMS
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VARIANTS = ("clip", "+divergence", "+local", "+category", "+itm", "+swap", "mlip")
 ABLATION_TERMS = TERMS + ("fn",)  # "fn": --false-negatives drop (MLIP's knowledge-category fix)
-# MLIP head sizes matched to the tiny towers (README "Step cost"; tools/bench_step.py): with the
-# default heads (local 128-d, 500 prototypes, Tucker 256) the heads are larger than the tiny towers.
+# MLIP head sizes for the tiny towers, spelled out so the commands in docs/ablation.md stay exact:
+# the local and Tucker sizes equal what the model's auto sizing (model/mlip.py ``head_sizes``) picks
+# for them; 128 prototypes instead of 500 (the default) for the tiny embedding.
 TINY_HEADS = ("--local-dim", "64", "--num-prototypes", "128", "--tucker-rank-v", "16", "--tucker-rank-t", "16",
               "--tucker-rank-k", "8", "--tucker-out", "64")
 
