@@ -8,6 +8,7 @@ import webdataset as wds
 from PIL import Image
 
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader
+from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD
 from mlip_ds.model.towers import build_tokenizer, load_model_config
 
 
@@ -159,3 +160,17 @@ def test_gray_plane_transforms_equal_the_rgb_formulation():
                           T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
     for im in (image, image.convert("RGB")):
         assert torch.equal(eval_transform(48)(im), ref_eval(im))
+
+
+def test_batch_tokenization_equals_per_sample_tokenization(synthetic_shards):
+    """The loader tokenizes a batch's reports in one call: the same ids as one call per report."""
+    cfg = load_model_config("tiny")
+    tok = build_tokenizer(cfg)
+    spec = LoaderSpec(str(synthetic_shards["train"]), 4, 2, cfg["preprocess"]["image_size"], CLIP_MEAN, CLIP_STD,
+                      workers=0, raw=True, second_view=True)
+    for batch in make_train_loader(spec, tok):
+        assert torch.equal(batch["text"], torch.cat([tok(r) for r in batch["report"]]))
+        assert batch["text2"].shape == batch["text"].shape and batch["text2"].dtype == torch.long
+    texts = ["FINDINGS: No pleural effusion.  Heart   normal.", "", "IMPRESSION: " + "opacity " * 100,
+             "ünïcödé — text\nwith lines"]
+    assert torch.equal(tok(texts), torch.cat([tok(t) for t in texts]))

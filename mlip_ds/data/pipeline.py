@@ -192,7 +192,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
                 with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (dropout) untouched
                     seed_cpu(wds.utils.make_seed(seed, rank, sid, pos))
                     image = transform(sample["image"])
-                text = tokenizer(sample["text"])[0]
+                text = sample["text"]  # tokenized per batch (``tokenize_batches``): one call, not B
                 extra = extras(sample, sid, pos)
             except Exception as exn:  # noqa: BLE001 - any bad sample is skipped and counted
                 bad += 1
@@ -211,7 +211,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
                 out["image2"] = transform(sample["image"])
             rng = random.Random(wds.utils.make_seed(seed, rank, sid, pos, 2))
             report = augment_report(sample["text"], rng, spec.text_sentence_shuffle, spec.text_word_dropout)
-            out["text2"] = tokenizer(report)[0]
+            out["text2"] = report
         if spec.raw:
             meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
             entities = meta.get("entities", [])
@@ -219,6 +219,15 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
             out["entities"] = [e for e in entities if isinstance(e, dict)] if isinstance(entities, list) else []
             out["labels"] = meta.get("labels", {}) if isinstance(meta.get("labels", {}), dict) else {}
         return out
+
+    def tokenize_batches(src):
+        """The batch's reports (and second views) tokenized in one call each: the tokenizer's
+        per-call overhead was a quarter of the loader's time when it ran per sample."""
+        for batch in src:
+            batch["text"] = tokenizer(list(batch["text"]))
+            if "text2" in batch:
+                batch["text2"] = tokenizer(list(batch["text2"]))
+            yield batch
 
     def finish_batches(src):
         for batch in src:
@@ -231,6 +240,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
         shuffle,
         decode_stream,
         wds.batched(spec.batch_size, partial=False, collation_fn=wds.filters.default_collation_fn),
+        tokenize_batches,
         *([finish_batches] if spec.batch_fn is not None else []),
     )
     per_stream = -(-spec.batches_per_epoch // streams)  # ceil: with_epoch counts per worker
