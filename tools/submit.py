@@ -99,6 +99,7 @@ class Pretrain:
 
     def __call__(self) -> dict:
         env = dict(os.environ, **self.rank_env())
+        self._forget_earlier_result()
         argv = [self.settings["python"], "-u"] + self.train_argv()
         rank = env["RANK"]
         print(f"[submit.py] rank {rank}/{env['WORLD_SIZE']} master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: "
@@ -118,16 +119,32 @@ class Pretrain:
         if rc == 0:
             summary_path = Path(self.settings["out"]) / "summary.json"
             return json.loads(summary_path.read_text()) if summary_path.exists() else {"rank": int(rank)}
-        if rc == EXIT_INTERRUPTED:
-            # Stopped by a signal with a checkpoint saved: the job is being requeued (rank 0's
-            # checkpoint(), or SLURM's preemption) or cancelled. Returning now would write a result
-            # file that a requeued job would then read as its own; wait to be stopped instead.
-            print(f"[submit.py] rank {rank}: training stopped with a checkpoint saved; waiting for the "
+        if rc in (EXIT_INTERRUPTED, -signal.SIGTERM):
+            # Stopped by a signal: the job is being requeued (rank 0's checkpoint(), or SLURM's
+            # preemption) or cancelled. EXIT_INTERRUPTED: train.py saved a checkpoint. -SIGTERM: SLURM
+            # stops every process of a job it requeues; a train.py that had already saved and was
+            # finalizing (Python restores the default SIGTERM action at interpreter shutdown) dies of
+            # it. Neither is a failure of this task: raising would write an error result file, which
+            # whoever waits for the requeued job would read as its result; wait to be stopped instead.
+            print(f"[submit.py] rank {rank}: training stopped by a signal (status {rc}); waiting for the "
                   "requeue", flush=True)
-            time.sleep(float(self.settings.get("stop_grace_s", 120)) + 60)
-            raise RuntimeError("training was stopped by a signal (checkpoint saved) but the job was not "
-                               "requeued; resubmit with the same --out to resume")
+            time.sleep(float(self.settings.get("requeue_wait_s", float(self.settings.get("stop_grace_s", 120)) + 60)))
+            raise RuntimeError(f"training was stopped by a signal (status {rc}) but the job was not requeued; "
+                               "resubmit with the same --out to resume from its last checkpoint")
         raise RuntimeError(f"training (rank {rank}) exited with status {rc}; see this task's log")
+
+    def _forget_earlier_result(self) -> None:
+        """Remove this task's result file left by an earlier start of the same (requeued) job: a task
+        that ended while the job was being requeued may have written one, and whoever waits for the
+        job's results would read it as this start's."""
+        import submitit
+        try:
+            path = submitit.JobEnvironment().paths.result_pickle
+        except (KeyError, RuntimeError):  # not inside a submitit job (e.g. called directly)
+            return
+        if path.exists():
+            print(f"[submit.py] removing {path.name} from an earlier start of this job", flush=True)
+            path.unlink(missing_ok=True)
 
     def _reap(self) -> None:
         self._rc = self._proc.wait()
