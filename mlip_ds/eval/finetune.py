@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlip_ds.eval.linear_probe import (DEFAULT_FRACTIONS, ProbeError, _mean_std,
+from mlip_ds.eval.linear_probe import (DEFAULT_FRACTIONS, _mean_std,
                                        format_markdown, fraction_count, fraction_key, parse_encoder_spec,
                                        stratified_subsample)
 from mlip_ds.eval.zero_shot import EvalError, safe_name
@@ -475,7 +475,8 @@ def run_cli(args):
     for name, arr in arrays.items():
         np.savez_compressed(os.path.join(args.out, f"scores_{safe_name(name)}.npz"), **arr)
     if not args.no_plots:
-        from mlip_ds.eval.plots_extra import plot_label_efficiency, plot_roc_curves
+        from mlip_ds.eval.plots import plot_label_efficiency
+        from mlip_ds.eval.plots_extra import plot_roc_curves
 
         plot_label_efficiency(results, os.path.join(args.out, "finetune.png"),
                               title="Full fine-tuning: label efficiency")

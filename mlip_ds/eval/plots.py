@@ -1,6 +1,7 @@
 """Plots people would rather look at than tables (PNG, matplotlib's headless Agg backend)."""
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import matplotlib
@@ -9,8 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_label_efficiency(results_by_encoder: Mapping[str, dict], path: str) -> str:
-    """Mean metric over labels vs the fraction of training labels, one line per encoder (± std)."""
+def plot_label_efficiency(results_by_encoder: Mapping[str, dict], path: str,
+                          title: str = "Linear probe: label efficiency") -> str:
+    """Mean metric over labels vs the fraction of training labels, one line per encoder (± std over
+    seeds); the probe and fine-tuning both draw it."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     metric = "AUC"
     for name, result in results_by_encoder.items():
@@ -27,10 +30,11 @@ def plot_label_efficiency(results_by_encoder: Mapping[str, dict], path: str) -> 
     ax.set_xscale("log")
     ax.set_xlabel("training labels used (%)")
     ax.set_ylabel(f"mean {metric} over labels")
-    ax.set_title("Linear probe: label efficiency")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

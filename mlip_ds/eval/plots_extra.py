@@ -1,7 +1,6 @@
 """More evaluation plots (PNG, matplotlib's headless Agg backend).
 
 * ``plot_roc_curves``       ROC curve per label from scores (zero-shot, fine-tuning, a probe).
-* ``plot_label_efficiency`` the probe's label-efficiency plot with a title (fine-tuning).
 * ``plot_embedding_map``    2-D map of image embeddings (t-SNE; UMAP if ``umap-learn`` is
                             installed; PCA) coloured by label.
 * ``read_tb_scalars`` + ``plot_training_curves``  training curves from TensorBoard event files
@@ -82,28 +81,6 @@ def plot_roc_curves(scores, labels, label_names: Sequence[str], path: str, title
                 transform=ax.transAxes)
     ax.legend(fontsize=7, loc="lower right" if not skipped else "center right")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_label_efficiency(results_by_encoder: Mapping[str, dict], path: str, title: str = "Label efficiency") -> str:
-    """Mean metric over labels vs the fraction of training labels, one line per encoder (± std over
-    seeds): ``mlip_ds.eval.plots.plot_label_efficiency`` with a title of one's own."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    metric = "AUC"
-    for name, result in results_by_encoder.items():
-        metric = result.get("metric", "auc").upper()
-        pts = [(100 * float(f), result["summary"][f"{float(f):g}"]["mean_over_labels"]) for f in result["fractions"]]
-        pts = [(x, s["mean"], s.get("std") or 0.0) for x, s in pts if s and s.get("mean") is not None]
-        if pts:
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("training labels used (%)")
-    ax.set_ylabel(f"mean {metric} over labels")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     return _save(fig, path)
 
