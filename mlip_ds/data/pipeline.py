@@ -245,8 +245,10 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
     )
     per_stream = -(-spec.batches_per_epoch // streams)  # ceil: with_epoch counts per worker
     # Its own generator: creating the iterator would otherwise draw from the global RNG, so a
-    # resumed run (which creates it at another step) would get other dropout masks.
+    # resumed run (which creates it at another step) would get other dropout masks. Pinned batches
+    # on CUDA: the trainer's non_blocking copies then overlap the step instead of blocking it.
     loader = wds.WebLoader(dataset.with_epoch(per_stream), batch_size=None, shuffle=False,
-                           num_workers=max(0, spec.workers), persistent_workers=False, pin_memory=False,
+                           num_workers=max(0, spec.workers), persistent_workers=False,
+                           pin_memory=torch.cuda.is_available(),
                            generator=torch.Generator().manual_seed(seed))
     return loader.with_epoch(spec.batches_per_epoch)
