@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--samples", type=int, default=2048, help="synthetic samples in the shards")
     ap.add_argument("--out", default="runs/gpu_check")
+    ap.add_argument("--json", default="", help="also write the rows here (the lent machine returns $OUT)")
     ap.add_argument("extra", nargs="*", help="extra train.py flags after --")
     args = ap.parse_args()
     import torch
@@ -132,6 +133,12 @@ def main() -> None:
               f"{100 * mfu:.1f}% | {r['first']:.3f}→{r['last']:.3f} | {r['finite']} |")
         ok &= r["finite"] and r["last"] < r["first"]
     print(f"\nlosses finite and decreasing: {ok}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "device": name, "ranks": args.ranks, "model": args.model, "batch_per_rank": args.batch_size,
+            "steps": args.steps, "peak_tflops": peak, "torch": torch.__version__, "ok": ok,
+            "rows": [{"objective": o, "mfu": m, **r} for o, r, m in rows]}, indent=2))
     sys.exit(0 if ok else 1)
 
 

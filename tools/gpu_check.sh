@@ -3,8 +3,26 @@
 # Prints the table described in tools/gpu_check.py. Extra arguments go to gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "${MLIP_VENV:-.venv}/bin/python" ] || bash tools/install.sh
-# shellcheck disable=SC1091
-. "${MLIP_VENV:-.venv}/bin/activate"
+# Python: our virtualenv where there is one; else, on a lent GPU machine (no package index, its own
+# python3 with torch), the wheels from tools/gpu_wheels.sh carried in ./.whl; else install.
+PY=python
+if [ -x "${MLIP_VENV:-.venv}/bin/python" ]; then
+  # shellcheck disable=SC1091
+  . "${MLIP_VENV:-.venv}/bin/activate"
+elif [ -d .whl ]; then
+  SITE=${MLIP_WHEEL_SITE:-/tmp/mlip_site}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  PY=python3
+else
+  bash tools/install.sh
+  # shellcheck disable=SC1091
+  . "${MLIP_VENV:-.venv}/bin/activate"
+fi
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU run"
-timeout 470 python tools/gpu_check.py "$@"
+"$PY" -c 'import torch, deepspeed, open_clip, transformers; print("torch", torch.__version__, "deepspeed",
+  deepspeed.__version__, "open_clip", open_clip.__version__, "transformers", transformers.__version__)'
+JSON=()
+[ -n "${OUT:-}" ] && JSON=(--json "$OUT/gpu_check.json")
+timeout 470 "$PY" tools/gpu_check.py "${JSON[@]}" "$@"
