@@ -66,30 +66,48 @@ def step_flops(model_cfg: dict, batch_per_rank: int, ranks: int, objective: str)
     return flops
 
 
-def run(objective: str, args, shards: Path, out: Path) -> dict:
+VARIANTS = ("clip", "mlip", "clip+compile", "mlip+compile")
+
+
+def run(variant: str, args, shards: Path, out: Path, port: int) -> dict:
+    """Train one variant (an objective, ``+compile`` for torch.compile) in its own DeepSpeed launch."""
+    objective, compiled = variant.split("+")[0], variant.endswith("+compile")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(29500 + (7 if objective == "mlip" else 3)),
+           "--master_port", str(port),
            str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
            "--train-shards", str(shards), "--out-dir", str(out), "--model", args.model,
            "--objective", objective, "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
            "--samples-per-epoch", str(args.batch_size * args.ranks * args.steps * 4),
            "--log-every", "1", "--workers", str(args.workers), "--warmup-steps", "2", "--lr", "2e-4",
-           "--save-every", "0"] + args.extra
+           "--save-every", "0"] + (["--compile"] if compiled else []) + args.extra
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{objective} run failed (exit {r.returncode})")
+        raise RuntimeError(f"{variant} run failed (exit {r.returncode})")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
-    sps = statistics.median(rec["perf/samples_per_s"] for rec in log[len(log) // 3:])  # after warm-up
+    # The median after the first third: warm-up (and, with --compile, the compilation) left out.
+    sps = statistics.median(rec["perf/samples_per_s"] for rec in log[len(log) // 3:])
     losses = [rec["loss/total"] for rec in log]
     k = max(1, len(losses) // 4)
     return {"samples_per_s": sps, "step_s": args.batch_size * args.ranks / sps, "wall_s": time.time() - t0,
             "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
             "first": statistics.mean(losses[:k]), "last": statistics.mean(losses[-k:]),
             "peak_gb": summary.get("peak_device_memory_gb"), "precision": summary.get("precision")}
+
+
+HEADER = ("| variant | precision | samples/s | step (s) | peak mem (GiB) | MFU | loss first→last | finite | wall (s) |\n"
+          "|---|---|---:|---:|---:|---:|---|---|---:|")
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['variant']} | failed: {row['error']} | | | | | | | |"
+    mem = f"{row['peak_gb']:.1f}" if row["peak_gb"] is not None else "n/a"
+    return (f"| {row['variant']} | {row['precision']} | {row['samples_per_s']:.1f} | {row['step_s']:.3f} | {mem} | "
+            f"{100 * row['mfu']:.1f}% | {row['first']:.3f}→{row['last']:.3f} | {row['finite']} | {row['wall_s']:.0f} |")
 
 
 def main() -> None:
@@ -100,13 +118,21 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--samples", type=int, default=2048, help="synthetic samples in the shards")
+    ap.add_argument("--variants", default="",
+                    help=f"comma-separated, in order, from {', '.join(VARIANTS)} (default: all on CUDA, "
+                         "clip,mlip on CPU, where compiling takes minutes)")
     ap.add_argument("--out", default="runs/gpu_check")
-    ap.add_argument("--json", default="", help="also write the rows here (the lent machine returns $OUT)")
+    ap.add_argument("--json", default="", help="also write the rows here after each one (the lent machine "
+                                               "returns $OUT; what finished survives a time-out)")
     ap.add_argument("extra", nargs="*", help="extra train.py flags after --")
     args = ap.parse_args()
     import torch
     from mlip_ds.model.towers import load_model_config
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    variants = [v for v in (args.variants or (",".join(VARIANTS) if device == "cuda" else "clip,mlip")).split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     out = ROOT / args.out
     model_cfg = load_model_config(args.model)
     peak = matmul_peak_tflops(device)
@@ -116,29 +142,29 @@ def main() -> None:
                         "--num-samples", str(args.samples), "--image-size", str(model_cfg["preprocess"]["image_size"]),
                         "--workers", str(max(1, (os.cpu_count() or 2) - 1)), "--quiet", "--overwrite"], check=True)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    title = (f"# GPU check: {name}, {args.ranks} rank(s), model {args.model}, batch {args.batch_size}/rank, "
+             f"{args.steps} steps, ZeRO-2, measured peak {peak:.1f} TFLOP/s per device "
+             f"({'bf16' if device == 'cuda' else 'fp32'}), torch {torch.__version__}")
+    print(f"\n{title}\n\n{HEADER}", flush=True)
     rows = []
-    for objective in ("clip", "mlip"):
-        res = run(objective, args, shards, out / objective)
-        flops = step_flops(model_cfg, args.batch_size, args.ranks, objective)
-        mfu = flops / res["step_s"] / (peak * 1e12 * args.ranks)
-        rows.append((objective, res, mfu))
-    print(f"\n# GPU check: {name}, {args.ranks} rank(s), model {args.model}, batch {args.batch_size}/rank, "
-          f"{args.steps} steps, ZeRO-2, measured peak {peak:.1f} TFLOP/s per device ({'bf16' if device == 'cuda' else 'fp32'})\n")
-    print("| objective | precision | samples/s | step (s) | peak mem (GiB) | MFU | loss first→last | finite |")
-    print("|---|---|---:|---:|---:|---:|---|---|")
-    ok = True
-    for objective, r, mfu in rows:
-        mem = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "n/a"
-        print(f"| {objective} | {r['precision']} | {r['samples_per_s']:.1f} | {r['step_s']:.3f} | {mem} | "
-              f"{100 * mfu:.1f}% | {r['first']:.3f}→{r['last']:.3f} | {r['finite']} |")
-        ok &= r["finite"] and r["last"] < r["first"]
-    print(f"\nlosses finite and decreasing: {ok}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "device": name, "ranks": args.ranks, "model": args.model, "batch_per_rank": args.batch_size,
-            "steps": args.steps, "peak_tflops": peak, "torch": torch.__version__, "ok": ok,
-            "rows": [{"objective": o, "mfu": m, **r} for o, r, m in rows]}, indent=2))
+    for i, variant in enumerate(variants):
+        try:
+            res = run(variant, args, shards, out / variant.replace("+", "_"), port=29500 + 11 * (i + 1))
+            flops = step_flops(model_cfg, args.batch_size, args.ranks, variant.split("+")[0])
+            row = {"variant": variant, "mfu": flops / res["step_s"] / (peak * 1e12 * args.ranks), **res}
+        except (RuntimeError, OSError, ValueError, KeyError) as exn:  # one failed variant does not end the check
+            row = {"variant": variant, "error": str(exn)}
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({
+                "title": title, "device": name, "ranks": args.ranks, "model": args.model,
+                "batch_per_rank": args.batch_size, "steps": args.steps, "peak_tflops": peak,
+                "torch": torch.__version__, "rows": rows}, indent=2))
+    ok = all("error" not in r and r["finite"] and r["last"] < r["first"] for r in rows)
+    print(f"\n{title}\n\n{HEADER}\n" + "\n".join(map(format_row, rows)))
+    print(f"\nlosses finite and decreasing in every variant: {ok}")
     sys.exit(0 if ok else 1)
 
 
