@@ -56,7 +56,9 @@ class Pretrain:
     """One training task of a submitit job; picklable (the running child process is not pickled).
 
     `settings` is a plain dict: shards, out, ds_config, model, epochs, save_every, args (list of extra
-    train.py flags), python (interpreter for the child), root, cpus_per_task, stop_grace_s.
+    train.py flags), python (interpreter for the child), root, cpus_per_task, stop_grace_s, and
+    optionally requeue_wait_s (how long a task whose training was stopped by a signal waits to be
+    requeued before it reports an error; default stop_grace_s + 60).
     """
 
     def __init__(self, settings: dict):
