@@ -138,12 +138,9 @@ class Pretrain:
     def _forget_earlier_result(self) -> None:
         """Remove this task's result file left by an earlier start of the same (requeued) job: a task
         that ended while the job was being requeued may have written one, and whoever waits for the
-        job's results would read it as this start's."""
+        job's results would read it as this start's. Called after rank_env(), so inside a job."""
         import submitit
-        try:
-            path = submitit.JobEnvironment().paths.result_pickle
-        except (KeyError, RuntimeError):  # not inside a submitit job (e.g. called directly)
-            return
+        path = submitit.JobEnvironment().paths.result_pickle
         if path.exists():
             print(f"[submit.py] removing {path.name} from an earlier start of this job", flush=True)
             path.unlink(missing_ok=True)
