@@ -73,6 +73,9 @@ class RunConfig:
         "choices": ["auto", "sync", "deepspeed"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (DeepSpeed engine.compile)"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --compile"})
+    sync_debug: bool = field(default=False, metadata={
+        "help": "on CUDA, count the host-device syncs per optimizer step and where they happen "
+                "(summary.json 'sync_audit'; logging and checkpoints left out)"})
 
 
 @dataclass

@@ -41,6 +41,7 @@ from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
 from mlip_ds.model.mlip import (BatchPreparer, MLIPModel, compute_terms, mlip_parts_on, mlip_state,  # noqa: E402
                                 needs)
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
+from mlip_ds.sync_audit import SyncAudit  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
 # open_clip's gather uses torch.distributed.nn.all_gather, which torch 2.14 marks deprecated.
@@ -247,6 +248,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last)
 
     data_needs = needs(cfg.objective)
+    sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
         if hasattr(module, "prototypes"):  # MGCA: prototypes frozen for the first epoch(s)
             module.prototypes.freeze(state["epoch"] < cfg.objective.freeze_prototypes_epochs)
@@ -305,13 +307,17 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                     nan_in_a_row = 0
                     state["step"] += 1
                     after_optimizer_step(module, state["step"], total_steps, ds_stage)
+                    sync_audit.after_step(state["step"])
                     progress.update(1)
                     if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
-                        terms, skipped = _reduce_for_log(named, rank_state["skipped"])
-                        last_loss = terms["loss/total"]
-                        _log(writer, state, skipped, window, terms, engine, out["logit_scale"], progress, out_dir)
+                        with sync_audit.paused():
+                            terms, skipped = _reduce_for_log(named, rank_state["skipped"])
+                            last_loss = terms["loss/total"]
+                            _log(writer, state, skipped, window, terms, engine, out["logit_scale"], progress,
+                                 out_dir)
                     if cfg.run.save_every and state["step"] % cfg.run.save_every == 0:
-                        save_checkpoint()
+                        with sync_audit.paused():
+                            save_checkpoint()
                 elif nan_check == "sync":
                     nan_in_a_row = 0
             if stop_now and state["micro_in_epoch"] % accum == 0:
@@ -329,6 +335,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             continue
         break
     progress.close()
+    sync_report = sync_audit.close()
 
     if not (cfg.run.save_every and state["step"] % cfg.run.save_every == 0):
         save_checkpoint()
@@ -344,7 +351,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
                "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world,
                "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
-               "peak_device_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None}
+               "peak_device_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
+               "sync_audit": sync_report}
     if writer:
         writer.close()
         checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

@@ -3,19 +3,77 @@ GPU runs with ViT-B/16 in bf16), and its MFU arithmetic is right."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, train_env
 
+sys.path.insert(0, str(ROOT / "tools"))
+import gpu_check  # noqa: E402
 
-def test_flop_count_matches_a_hand_count():
-    sys.path.insert(0, str(ROOT / "tools"))
-    import gpu_check
-    from mlip_ds.model.towers import load_model_config
-    cfg = load_model_config("tiny")  # ViT: 64 px, patch 8, width 64, 3 layers, mlp 2.0
-    tokens, w = 65, 64
-    per_layer = 2 * tokens * (4 * w * w + 2 * 2.0 * w * w) + 4 * tokens * tokens * w
-    vision = 3 * per_layer + 2 * 64 * 3 * 64 * w
-    assert gpu_check.tower_flops(cfg, 1)["vision"] == vision
-    assert gpu_check.step_flops(cfg, 2, 2, "clip") == 3 * 4 * sum(gpu_check.tower_flops(cfg, 1).values())
+
+def _counted_flops(fn) -> int:
+    """FLOPs of ``fn()`` by torch's FlopCounterMode. SDPA on the math backend: the counter has no
+    formula for the fused CPU attention kernel, and the math backend's matmuls it counts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_tower_flops_match_torchs_flop_counter():
+    """The analytic forward count of each tower is torch's count (up to the projection heads it leaves
+    out), and forward + backward is 3x forward, as step_flops assumes."""
+    import torch
+    from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
+    cfg = load_model_config("tiny")
+    model = build_model(cfg)
+    image = torch.randn(2, 3, 64, 64)
+    text = build_tokenizer(cfg)(["Small left pleural effusion.", "No pneumothorax."])
+    analytic = gpu_check.tower_flops(cfg, 2)
+    vision, words = _counted_flops(lambda: model.visual(image)), _counted_flops(lambda: model.text(text))
+    assert vision == pytest.approx(analytic["vision"], rel=0.005)
+    assert words == pytest.approx(analytic["text"], rel=0.005)
+    both = _counted_flops(lambda: (model.visual(image).sum() + model.text(text).sum()).backward())
+    # The image needs no gradient, so the patch embedding skips one backward matmul: slightly under 3x.
+    assert 2.9 * (vision + words) < both <= 3 * (vision + words)
+
+
+@pytest.mark.parametrize("objective", ["clip", "mlip"])
+def test_step_flops_match_torchs_count_at_vit_b16(objective, monkeypatch):
+    """The MFU numerator at the size the GPU check runs (ViT-B/16 + BERT-base, batch 64), counted by
+    torch on the meta device (shapes only). CLIP: the towers are the step. MLIP: the heads the
+    analytic count leaves out (knowledge encoding, TKP attention, prototypes, fusion) add little, so
+    the reported MFU is a slight underestimate, never an overestimate."""
+    import random
+    import torch
+    from conftest import meta_training_step
+    from mlip_ds.config import objective_preset
+    from mlip_ds.data.text_augment import augment_report
+    from mlip_ds.model.concepts import load_concepts
+    from mlip_ds.model.mlip import BatchPreparer, MLIPModel
+    from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
+    from mlip_ds.sources.synthetic import generate_sample
+    cfg, batch = load_model_config("vit-b16"), 64
+    tok, vocab = build_tokenizer(cfg), load_concepts("", [])
+    samples = [generate_sample(i, seed=1, size=32) for i in range(batch)]
+    data = {"image": torch.zeros(batch, 3, 224, 224), "image2": torch.zeros(batch, 3, 224, 224),
+            "text": tok([s.report for s in samples]),
+            "text2": tok([augment_report(s.report, random.Random(i)) for i, s in enumerate(samples)]),
+            "report": [s.report for s in samples], "entities": [s.entities for s in samples],
+            "labels": [s.labels for s in samples]}
+    spec = objective_preset(objective)
+    with torch.device("meta"):
+        model = MLIPModel(build_model(cfg), spec, len(vocab), len(vocab.categories),
+                          tok.tokenizer.all_special_ids).train()
+    inputs = BatchPreparer(spec, tok, vocab).prepare(data, "cpu", seed=3)
+    counted = _counted_flops(lambda: meta_training_step(model, spec, inputs, monkeypatch))
+    analytic = gpu_check.step_flops(cfg, batch, 1, objective)
+    if objective == "clip":
+        assert counted == pytest.approx(analytic, rel=0.005)
+    else:
+        assert analytic < counted < 1.03 * analytic, counted / analytic
 
 
 def test_gpu_check_runs_on_cpu(tmp_path):
@@ -30,3 +88,31 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert [row["variant"] for row in rows] == ["clip", "mlip"] and all(row["samples_per_s"] > 0 for row in rows)
     # exit 0 only if losses were finite and decreasing; at 8 steps a decrease is likely but not certain
     assert r.returncode in (0, 1) and "losses finite and decreasing in every variant" in r.stdout
+
+
+def test_sync_audit_counts_syncs_per_step_on_cuda():
+    """On a GPU (skipped on CPU, where nothing syncs): two ``.item()`` per step are counted at their
+    line, the paused one (logging) is not."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the sync debug mode exists only there")
+    from mlip_ds.sync_audit import SyncAudit
+    audit, x = SyncAudit(True, start_step=1), torch.ones(4, device="cuda")
+    for step in range(1, 5):
+        x.sum().item(), x.max().item()
+        with audit.paused():
+            x.min().item()
+        audit.after_step(step)
+    report = audit.close()
+    assert report["steps"] == 3 and report["syncs_per_step"] == 2.0 and len(report["sites"]) == 1
+    assert next(iter(report["sites"])).startswith(__file__)
+
+
+def test_sync_audit_is_off_on_cpu():
+    import torch
+    from mlip_ds.sync_audit import SyncAudit
+    audit = SyncAudit(True)
+    audit.after_step(5)
+    with audit.paused():
+        pass
+    assert audit.close() is None if not torch.cuda.is_available() else True

@@ -19,6 +19,8 @@ from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms, mlip_sta
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
 from mlip_ds.sources.synthetic import generate_sample
 
+from conftest import meta_training_step
+
 # Small heads: the tests are about wiring, not capacity.
 SMALL = dict(local_dim=32, local_heads=2, num_prototypes=16, tucker_rank_v=4, tucker_rank_t=4, tucker_rank_k=2,
              tucker_out=16)
@@ -270,3 +272,35 @@ def test_objective_flags_and_presets():
     o = parse("--objective", "mlip", "--no-use-swap", "--lambda-local", "0.5", "--local-dim", "64")
     assert on(o) == [t for t in TERMS if t != "swap"] and o.lambda_local == 0.5 and o.local_dim == 64
     assert on(parse("--use-local")) == ["global", "local"]
+
+
+class _CrossDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that mix a device tensor with a CPU tensor of more than one element: on CUDA,
+    a blocking host -> device copy (e.g. indexing with a CPU mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("preset", ["clip", "mlip"])
+def test_training_step_never_waits_for_the_device(setup, preset, monkeypatch):
+    """The whole step on the meta device (meta tensors have no values): any read on the host
+    (``.item()``, ``bool(t)``, ``nonzero``, the check transformers makes of a 2-D padding mask)
+    raises, and any CPU tensor mixed into device ops is recorded. On CUDA each would be a device
+    sync inside the step (issue 8)."""
+    _, tok, vocab, batch = setup
+    objective = objective_preset(preset, **SMALL)
+    model = _model(setup, objective).train()
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3)
+    with _CrossDevice() as mode:
+        loss, named = meta_training_step(model, objective, inputs, monkeypatch)
+    assert loss.is_meta and mode.ops == []
+    assert set(named) >= {f"loss/{t}" for t in TERMS} if preset == "mlip" else "loss/global" in named
+    assert all(p.grad is not None for p in model.visual.parameters())  # the backward ran

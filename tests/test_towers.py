@@ -53,3 +53,23 @@ def test_pretrained_image_weights_from_file(tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(FileNotFoundError):
         build_model(cfg, pretrained_image=str(tmp_path / "missing.pt"))
+
+
+def test_text_tower_forward_equals_open_clips():
+    """The sync-free forward (4-D mask, sliced CLS) gives open_clip's outputs, features and tokens."""
+    from open_clip.hf_model import HFTextEncoder
+    from mlip_ds.model.towers import SyncFreeHFTextEncoder
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    text = build_model(cfg).text.train()  # dropout on: the same seed must give the same draws
+    assert type(text) is SyncFreeHFTextEncoder
+    ids = build_tokenizer(cfg)(["Small left pleural effusion.", "No acute cardiopulmonary process. " * 3, ""])
+    assert (ids == text.config.pad_token_id).any(1).all()  # every row padded: the mask matters
+    for tokens in (False, True):
+        text.output_tokens = tokens
+        torch.manual_seed(1)
+        ours = text(ids)
+        torch.manual_seed(1)
+        theirs = HFTextEncoder.forward(text, ids)
+        for a, b in zip(*(o if tokens else (o,) for o in (ours, theirs))):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)

@@ -22,6 +22,7 @@ in the training process, seeded per micro-batch so a resumed run replays it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import replace
@@ -262,7 +263,8 @@ class MLIPModel(nn.Module):
         if o.use_divergence:
             # fp32 EMA weights with bf16 inputs (the trainer keeps the EMA in fp32): autocast.
             cast = next(self.ema_visual.parameters()).dtype != image2.dtype
-            with torch.no_grad(), torch.autocast(image2.device.type, dtype=image2.dtype, enabled=cast):
+            autocast = torch.autocast(image2.device.type, dtype=image2.dtype) if cast else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
                 out["image_features_ema"] = F.normalize(self.ema_visual(image2), dim=-1).to(img.dtype)
                 out["text_features_ema"] = F.normalize(self.ema_text(text2), dim=-1).to(txt.dtype)
         know = concept_emb = None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.hf_model import ClsPooler, HFTextEncoder
 from open_clip.tokenizer import HFTokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -71,9 +72,39 @@ def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image
     model = open_clip.CustomTextCLIP(
         embed_dim=cfg.pop("embed_dim"), vision_cfg=cfg.pop("vision_cfg"), text_cfg=text_cfg,
         init_logit_scale=math.log(1.0 / init_temperature), nonscalar_logit_scale=True, **cfg)
+    if type(model.text) is HFTextEncoder:
+        # Same parameters and names (checkpoints and exports unchanged), another forward.
+        model.text.__class__ = SyncFreeHFTextEncoder
     if pretrained_image:
         load_image_weights(model, pretrained_image)
     return model
+
+
+class SyncFreeHFTextEncoder(HFTextEncoder):
+    """open_clip's Hugging Face text tower with a forward that never makes the host wait for the GPU.
+
+    Written by hand because neither library offers it: open_clip's forward passes a 2-D padding mask,
+    and transformers 5 then calls ``mask.all()`` to see whether SDPA may skip the mask (a device ->
+    host read); its token output indexes the GPU tensor with a CPU boolean mask (a blocking
+    host -> device copy). Each is a full device sync, several times per MLIP step (report, concepts,
+    swapped reports, EMA tower). Here the mask goes in 4-D, as SDPA takes it (transformers passes
+    a 4-D mask through untouched), and the CLS token is cut out by slicing. The outputs are the
+    same (tests/test_towers.py).
+    """
+
+    def forward(self, x: torch.Tensor):
+        keep = x != self.config.pad_token_id
+        mask = keep.long()
+        sdpa = getattr(self.transformer.config, "_attn_implementation", None) == "sdpa"
+        out = self.transformer(input_ids=x, attention_mask=keep[:, None, None, :] if sdpa else mask)
+        projected = self.proj(self.pooler(out, mask))
+        if not self.output_tokens:
+            return projected
+        hidden = out.last_hidden_state
+        if type(self.pooler) is ClsPooler:  # word tokens only: the CLS token is the pooled output
+            p = self.pooler.cls_token_position
+            hidden = torch.cat([hidden[:, :p], hidden[:, p + 1:]], dim=1)
+        return projected, hidden
 
 
 def load_image_weights(model: torch.nn.Module, path: str) -> None:
