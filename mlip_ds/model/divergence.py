@@ -37,9 +37,12 @@ def ema_update(ema: nn.Module, online: nn.Module, m: float) -> None:
     ema_params = dict(ema.named_parameters())
     if online_params.keys() != ema_params.keys():
         raise ValueError("ema_update: the EMA copy and the online module have different parameters")
-    for name, p_ema in ema_params.items():
-        p = online_params[name].detach()
-        p_ema.mul_(m).add_(p.to(p_ema.dtype), alpha=1.0 - m)
+    targets = list(ema_params.values())
+    # One multi-tensor kernel (as timm's ModelEmaV3) instead of two launches per parameter: on a GPU,
+    # about a thousand launches per MLIP step at ViT-B + BERT-base. Online bf16 weights are cast to
+    # the fp32 EMA first.
+    sources = [online_params[name].detach().to(t.dtype) for name, t in ema_params.items()]
+    torch._foreach_lerp_(targets, sources, 1.0 - m)
     online_buffers = dict(online.named_buffers())
     for name, b_ema in ema.named_buffers():
         b_ema.copy_(online_buffers[name])

@@ -422,7 +422,11 @@ class BatchPreparer:
                 continue
             value = batch[key]
             if isinstance(value, torch.Tensor):
-                value = value.to(device, dtype=dtype if key in ("image", "image2") else None, non_blocking=True)
+                # Copied as loaded (pinned, asynchronous), then cast on the device: a cast inside the
+                # copy would convert on the host into unpinned memory, every step.
+                value = value.to(device, non_blocking=True)
+                if key in ("image", "image2"):
+                    value = value.to(dtype)
             inputs[key] = value
         return inputs
 
