@@ -74,6 +74,18 @@ def step_flops(model_cfg: dict, batch_per_rank: int, ranks: int, objective: str)
 VARIANTS = ("clip", "mlip", "clip+compile", "mlip+compile")
 
 
+def default_batch(device: str) -> int:
+    """Large enough that the GPU, not the host's kernel launches, sets the step time. The host side
+    of an MLIP step (about 13k ops at ViT-B/16 + BERT-base) costs about 70 ms on a CPU core, more
+    than the GPU needs for batch 64 on an H200. Batch 256 holds about 55 GiB of bf16 activations
+    for MLIP (counted on the meta device), so it needs the H200's memory."""
+    import torch
+    if device != "cuda":
+        return 8
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return 256 if gib >= 120 else 128 if gib >= 60 else 64
+
+
 def run(variant: str, args, shards: Path, out: Path, port: int) -> dict:
     """Train one variant (an objective, ``+compile`` for torch.compile) in its own DeepSpeed launch."""
     objective, compiled = variant.split("+")[0], variant.endswith("+compile")
@@ -96,27 +108,29 @@ def run(variant: str, args, shards: Path, out: Path, port: int) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     # The median after the first third: warm-up (and, with --compile, the compilation) left out.
     sps = statistics.median(rec["perf/samples_per_s"] for rec in log[len(log) // 3:])
+    wait = statistics.median(rec["perf/data_wait_fraction"] for rec in log[len(log) // 3:])
     losses = [rec["loss/total"] for rec in log]
     k = max(1, len(losses) // 4)
     return {"samples_per_s": sps, "step_s": args.batch_size * args.ranks / sps, "wall_s": time.time() - t0,
-            "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+            "data_wait": wait, "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
             "first": statistics.mean(losses[:k]), "last": statistics.mean(losses[-k:]),
             "peak_gb": summary.get("peak_device_memory_gb"), "precision": summary.get("precision"),
             "sync_audit": summary.get("sync_audit")}
 
 
-HEADER = ("| variant | precision | samples/s | step (s) | peak mem (GiB) | MFU | loss first→last | finite | "
-          "host syncs/step | wall (s) |\n|---|---|---:|---:|---:|---:|---|---|---:|---:|")
+HEADER = ("| variant | precision | samples/s | step (s) | peak mem (GiB) | MFU | data wait | loss first→last | "
+          "finite | host syncs/step | wall (s) |\n|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|")
 
 
 def format_row(row: dict) -> str:
     if "error" in row:
-        return f"| {row['variant']} | failed: {row['error']} | | | | | | | | |"
+        return f"| {row['variant']} | failed: {row['error']} | | | | | | | | | |"
     mem = f"{row['peak_gb']:.1f}" if row["peak_gb"] is not None else "n/a"
     audit = row.get("sync_audit") or {}
     syncs = f"{audit['syncs_per_step']:.1f}" if audit.get("syncs_per_step") is not None else "n/a"
     return (f"| {row['variant']} | {row['precision']} | {row['samples_per_s']:.1f} | {row['step_s']:.3f} | {mem} | "
-            f"{100 * row['mfu']:.1f}% | {row['first']:.3f}→{row['last']:.3f} | {row['finite']} | {syncs} | "
+            f"{100 * row['mfu']:.1f}% | {100 * row['data_wait']:.0f}% | {row['first']:.3f}→{row['last']:.3f} | "
+            f"{row['finite']} | {syncs} | "
             f"{row['wall_s']:.0f} |")
 
 
@@ -124,9 +138,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit-b16")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=64, help="per rank")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="per rank; 0: by GPU memory (256 from 120 GiB, 128 from 60 GiB, else 64), 8 on CPU")
     ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="loader workers per rank; 0: min(12, cores - 2) on CUDA, 1 on CPU")
     ap.add_argument("--samples", type=int, default=2048, help="synthetic samples in the shards")
     ap.add_argument("--variants", default="",
                     help=f"comma-separated, in order, from {', '.join(VARIANTS)} (default: all on CUDA, "
@@ -145,6 +161,8 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     out = ROOT / args.out
     model_cfg = load_model_config(args.model)
+    args.batch_size = args.batch_size or default_batch(device)
+    args.workers = args.workers or (max(1, min(12, (os.cpu_count() or 4) - 2)) if device == "cuda" else 1)
     peak = matmul_peak_tflops(device)
     shards = out / "shards"
     if not (shards / "manifest.json").exists():
