@@ -67,27 +67,3 @@ def read_train_log(out_dir):
                 records[rec["step"]] = rec
     return records
 
-
-def meta_training_step(model, objective, inputs, monkeypatch):
-    """Forward, every loss term (past all warm-ups) and backward of ``model`` on the meta device:
-    shapes only, no values, so it costs nothing at ViT-B size and any host read of a value raises.
-    Returns (loss, named terms)."""
-    import torch
-    from mlip_ds.losses.objective import total_loss
-    from mlip_ds.model.mlip import compute_terms
-
-    class NoGenerator:  # meta tensors draw no random numbers (ITM's hard-negative sampling)
-        def __init__(self, device=None):
-            pass
-
-        def manual_seed(self, seed):
-            return None
-
-    monkeypatch.setattr(torch, "Generator", NoGenerator)
-    model.to("meta")
-    inputs = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in inputs.items()}
-    out = model(**inputs)
-    loss, named = total_loss(compute_terms(out, inputs, objective, getattr(model, "prior", None)), objective,
-                             step=10**6)
-    loss.backward()
-    return loss, named

@@ -110,3 +110,17 @@ def test_bench_engine(tmp_path):
     [t] = tables(out)
     body = check_table(t, ["system", "step ms", "samples/s", "runs (samples/s)", "x ddp"], [1, 2, 4], 2)
     assert [r[0] for r in body] == ["ddp", "zero2+flags"] and body[0][4] == "1.00"
+
+
+def test_bench_host(capsys):
+    """In-process (no DeepSpeed launch). Besides the table: the ops per step do not grow with the
+    batch (no loss loops over samples, so a GPU's launches stay fixed as the batch grows)."""
+    sys.path.insert(0, str(TOOLS))
+    import bench_host
+    bench_host.main(["--model", "tiny", "--batch-sizes", "4,8", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "Host cost and memory of one step: model tiny" in out
+    header, _, *rows = tables(out)[0]
+    assert header[:3] == ["objective", "batch", "ops/step"] and len(rows) == 4
+    ops = {(r[0], int(r[1])): int(r[2]) for r in rows}
+    assert ops["clip", 4] == ops["clip", 8] and ops["mlip", 4] == ops["mlip", 8] > 2 * ops["clip", 4]

@@ -41,35 +41,18 @@ def test_tower_flops_match_torchs_flop_counter():
 
 
 @pytest.mark.parametrize("objective", ["clip", "mlip"])
-def test_step_flops_match_torchs_count_at_vit_b16(objective, monkeypatch):
+def test_step_flops_match_torchs_count_at_vit_b16(objective):
     """The MFU numerator at the size the GPU check runs (ViT-B/16 + BERT-base, batch 64), counted by
     torch on the meta device (shapes only). CLIP: the towers are the step. MLIP: the heads the
     analytic count leaves out (knowledge encoding, TKP attention, prototypes, fusion) add little, so
     the reported MFU is a slight underestimate, never an overestimate."""
-    import random
-    import torch
-    from conftest import meta_training_step
+    from meta_step import model_and_inputs, training_step
     from mlip_ds.config import objective_preset
-    from mlip_ds.data.text_augment import augment_report
-    from mlip_ds.model.concepts import load_concepts
-    from mlip_ds.model.mlip import BatchPreparer, MLIPModel
-    from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
-    from mlip_ds.sources.synthetic import generate_sample
-    cfg, batch = load_model_config("vit-b16"), 64
-    tok, vocab = build_tokenizer(cfg), load_concepts("", [])
-    samples = [generate_sample(i, seed=1, size=32) for i in range(batch)]
-    data = {"image": torch.zeros(batch, 3, 224, 224), "image2": torch.zeros(batch, 3, 224, 224),
-            "text": tok([s.report for s in samples]),
-            "text2": tok([augment_report(s.report, random.Random(i)) for i, s in enumerate(samples)]),
-            "report": [s.report for s in samples], "entities": [s.entities for s in samples],
-            "labels": [s.labels for s in samples]}
-    spec = objective_preset(objective)
-    with torch.device("meta"):
-        model = MLIPModel(build_model(cfg), spec, len(vocab), len(vocab.categories),
-                          tok.tokenizer.all_special_ids).train()
-    inputs = BatchPreparer(spec, tok, vocab).prepare(data, "cpu", seed=3)
-    counted = _counted_flops(lambda: meta_training_step(model, spec, inputs, monkeypatch))
-    analytic = gpu_check.step_flops(cfg, batch, 1, objective)
+    from mlip_ds.model.towers import load_model_config
+    cfg, spec = load_model_config("vit-b16"), objective_preset(objective)
+    model, inputs = model_and_inputs(cfg, spec, 64)
+    counted = _counted_flops(lambda: training_step(model, spec, inputs, ema=False))
+    analytic = gpu_check.step_flops(cfg, 64, 1, objective)
     if objective == "clip":
         assert counted == pytest.approx(analytic, rel=0.005)
     else:

@@ -2,6 +2,7 @@
 run, output shapes for all terms and each subset, the grounding maps; the batch preparation
 (knowledge linking, categories, swapping), the loader's extra keys, text augmentation, the flags."""
 import random
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms, mlip_sta
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
 from mlip_ds.sources.synthetic import generate_sample
 
-from conftest import meta_training_step
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+from meta_step import to_meta, training_step  # noqa: E402
 
 # Small heads: the tests are about wiring, not capacity.
 SMALL = dict(local_dim=32, local_heads=2, num_prototypes=16, tucker_rank_v=4, tucker_rank_t=4, tucker_rank_k=2,
@@ -290,7 +294,7 @@ class _CrossDevice(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("preset", ["clip", "mlip"])
-def test_training_step_never_waits_for_the_device(setup, preset, monkeypatch):
+def test_training_step_never_waits_for_the_device(setup, preset):
     """The whole step on the meta device (meta tensors have no values): any read on the host
     (``.item()``, ``bool(t)``, ``nonzero``, the check transformers makes of a 2-D padding mask)
     raises, and any CPU tensor mixed into device ops is recorded. On CUDA each would be a device
@@ -298,12 +302,9 @@ def test_training_step_never_waits_for_the_device(setup, preset, monkeypatch):
     _, tok, vocab, batch = setup
     objective = objective_preset(preset, **SMALL)
     model = _model(setup, objective).train()
-    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3)
+    model, inputs = to_meta(model, BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3))
     with _CrossDevice() as mode:
-        loss, named = meta_training_step(model, objective, inputs, monkeypatch)
-        model.ema_step(5, 100)  # what follows the optimizer step
-        if hasattr(model, "prototypes"):
-            model.prototypes.normalize_()
+        loss, named = training_step(model, objective, inputs)  # with the EMA update after it
     assert loss.is_meta and mode.ops == []
     assert set(named) >= {f"loss/{t}" for t in TERMS} if preset == "mlip" else "loss/global" in named
     assert all(p.grad is not None for p in model.visual.parameters())  # the backward ran
