@@ -308,3 +308,19 @@ def test_training_step_never_waits_for_the_device(setup, preset):
     assert loss.is_meta and mode.ops == []
     assert set(named) >= {f"loss/{t}" for t in TERMS} if preset == "mlip" else "loss/global" in named
     assert all(p.grad is not None for p in model.visual.parameters())  # the backward ran
+
+
+def test_swapped_reports_in_the_reports_forward_change_nothing(setup):
+    """The swapped reports share the reports' text forward; encoded apart (another length: one
+    more padding column, which the attention mask hides) every output is the same."""
+    _, tok, vocab, batch = setup
+    objective = objective_preset("mlip", **SMALL, swap_prob=0.5)
+    model = _model(setup, objective).eval()  # no dropout: the two paths draw differently
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3)
+    assert inputs["swap_tokens"].shape[1] == inputs["text"].shape[1] and inputs["swap_rows"].numel() > 0
+    padded = torch.nn.functional.pad(inputs["swap_tokens"], (0, 1), value=tok.tokenizer.pad_token_id)
+    with torch.no_grad():
+        merged = model(**inputs, return_attention=True)
+        apart = model(**{**inputs, "swap_tokens": padded}, return_attention=True)
+    for key in ("text_features", "text_tokens", "token_weights", "swap_logits", "itm_logits", "token_patch_attn"):
+        assert torch.allclose(merged[key], apart[key], atol=1e-5), key

@@ -255,8 +255,18 @@ class MLIPModel(nn.Module):
         o, want_tokens = self.objective, self.objective.use_local
         self._captured = {}
         pooled_i, patch_tokens = self._encode(self.visual, image, capture=want_tokens)
-        pooled_t, text_tokens = self._encode(self.text, text, capture=want_tokens)
+        # The swapped reports ride in the reports' text forward (same length): one pass of the tower
+        # instead of two, a quarter fewer kernel launches per MLIP step and larger matmuls.
+        b = text.shape[0]
+        merge_swap = o.use_swap and swap_tokens is not None and swap_tokens.shape[1] == text.shape[1]
+        pooled_t, text_tokens = self._encode(self.text, torch.cat([text, swap_tokens]) if merge_swap else text,
+                                             capture=want_tokens)
         captured, self._captured = self._captured, {}
+        pooled_swapped = None
+        if merge_swap:
+            pooled_t, pooled_swapped = pooled_t[:b], pooled_t[b:]
+            text_tokens = text_tokens[:b] if text_tokens is not None else None
+            captured = {k: v[:b] if k in ("q", "k") else v for k, v in captured.items()}
         out = {"image_features": F.normalize(pooled_i, dim=-1), "text_features": F.normalize(pooled_t, dim=-1),
                "logit_scale": self.logit_scale.exp()}
         img, txt = out["image_features"], out["text_features"]
@@ -296,7 +306,9 @@ class MLIPModel(nn.Module):
             out["itm_logits"], out["itm_labels"] = self.itm_head(self.fusion(v3, t3, k3)), labels
         if o.use_swap:
             # Every rank encodes at least one row, so all ranks run the same modules (ZeRO-3 gathers).
-            swapped = F.normalize(self._encode(self.text, swap_tokens)[0], dim=-1)
+            if pooled_swapped is None:
+                pooled_swapped = self._encode(self.text, swap_tokens)[0]
+            swapped = F.normalize(pooled_swapped, dim=-1)
             t_sw = txt.index_put((swap_rows,), swapped[:swap_rows.shape[0]]) if swap_rows.numel() else txt
             k_sw = self.knowledge(concept_emb, swap_mention_ids, swap_mention_neg, swap_mention_mask,
                                   text_rows=swap_mention_rows).pooled
