@@ -115,13 +115,16 @@ def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
 
 def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_shards, tmp_path):
     """--nan-check deepspeed (the default with bf16 on a GPU: no host sync per step) skips the
-    optimizer step through DeepSpeed's own gradient-overflow check, on every rank; here in bf16 on CPU."""
+    optimizer step through DeepSpeed's own gradient-overflow check, on every rank; here in bf16 on CPU,
+    with the full MLIP objective: the path a GPU runs (fp32 EMA towers under autocast, the
+    co-occurrence table guarded on the device)."""
     cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     cfg["bf16"] = {"enabled": True}
     ds_path = tmp_path / "zero2_bf16.json"
     ds_path.write_text(json.dumps(cfg))
     out = tmp_path / "nan_ds"
-    r = subprocess.run(deepspeed_cmd(_args(synthetic_shards["train"], out, **{"--nan-check": "deepspeed"}),
+    r = subprocess.run(deepspeed_cmd(_args(synthetic_shards["train"], out, **{"--nan-check": "deepspeed",
+                                                                             "--objective": "mlip"}),
                                      ds_config=str(ds_path)),
                        cwd=ROOT, env=train_env(MLIP_FAULT_INJECT="nan_at:3"), capture_output=True, text=True,
                        timeout=300)

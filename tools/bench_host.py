@@ -10,7 +10,7 @@ Per objective and batch, for one training step (forward, every loss term, backwa
   width 32, a few tokens), where the arithmetic is negligible: the Python and dispatch time the
   host spends per step whatever the batch. When the GPU's time for a step is below this, the GPU
   waits for the host (unless ``--compile`` removes the overhead);
-- GFLOP/step analytic (``tools/gpu_check.py``'s MFU numerator) and counted by torch's
+- TFLOP/step analytic (``tools/gpu_check.py``'s MFU numerator) and counted by torch's
   FlopCounterMode on the meta device, and their ratio;
 - saved activations: bytes autograd keeps for the backward in bf16, on the meta device (an upper
   bound: views of one tensor count separately), the memory that sets the batch a GPU can hold.
@@ -132,10 +132,10 @@ def main(argv=None) -> None:
             analytic = gpu_check.step_flops(model_cfg, batch, 1, name)
             model_bf16, inputs_bf16 = model_and_inputs(model_cfg, objective, batch, dtype=torch.bfloat16)
             saved = saved_bytes(model_bf16, objective, inputs_bf16)
-            rows.append([name, batch, ops, f"{ms:.1f}", f"{analytic / 1e9:.4g}", f"{flops / 1e9:.4g}",
+            rows.append([name, batch, ops, f"{ms:.1f}", f"{analytic / 1e12:.2f}", f"{flops / 1e12:.2f}",
                          f"{flops / analytic:.3f}", f"{saved / 2**30:.2f}"])
     print(f"# Host cost and memory of one step: model {args.model}, {machine()}\n")
-    print(table(["objective", "batch", "ops/step", "host ms/step (1 core)", "GFLOP analytic", "GFLOP counted",
+    print(table(["objective", "batch", "ops/step", "host ms/step (1 core)", "TFLOP analytic", "TFLOP counted",
                  "counted / analytic", "saved activations bf16 (GiB)"], rows))
 
 
