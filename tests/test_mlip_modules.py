@@ -172,6 +172,21 @@ def test_prototypes_are_normalised_and_freezable():
     assert torch.allclose(protos.weight.norm(dim=1), torch.ones(6))
 
 
+def test_frozen_prototypes_deliver_no_gradient_under_compile():
+    """DeepSpeed's ZeRO-2 hooks each parameter's gradient when the engine starts, before MGCA's
+    first-epoch freeze. Compiled (AOTAutograd), a merely detached weight still had its hook called
+    with no gradient, which DeepSpeed cannot reduce (``--compile`` with MLIP failed in step 1)."""
+    protos, calls = Prototypes(dim=8, num_prototypes=4), []
+    protos.weight.register_post_accumulate_grad_hook(lambda p: calls.append(p.grad))
+    compiled = torch.compile(protos.freeze(True), backend="aot_eager")
+    x = torch.randn(3, 8, requires_grad=True)
+    compiled(x).sum().backward()
+    assert calls == [] and protos.weight.grad is None and x.grad is not None
+    compiled.freeze(False)
+    compiled(x).sum().backward()
+    assert len(calls) == 1 and calls[0].shape == (4, 8)
+
+
 # ----------------------------------------------------------------------------- Tucker fusion
 def test_tucker_fusion_equals_the_explicit_tensor_contraction():
     torch.manual_seed(0)

@@ -42,6 +42,9 @@ class Prototypes(nn.Module):
 
     def freeze(self, frozen: bool = True) -> "Prototypes":
         self.frozen = frozen
+        # Also off autograd's books: under torch.compile the detached weight still gets a (None)
+        # gradient delivered, and DeepSpeed's ZeRO-2 gradient hook fails on it.
+        self.weight.requires_grad_(not frozen)
         return self
 
     @torch.no_grad()
