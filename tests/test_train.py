@@ -137,13 +137,15 @@ def test_optimizer_kernel_choice():
 
 
 def test_compiled_model_trains_and_exports_the_same_parameter_names(synthetic_shards, tmp_path):
-    """--compile (DeepSpeed's in-place engine.compile): same checkpoint/export keys as eager. The
-    "eager" dynamo backend keeps this test fast; inductor is the default on GPUs."""
+    """--compile (DeepSpeed's in-place engine.compile) with the full MLIP objective: it trains, and
+    checkpoints/exports have the same keys as eager. The "aot_eager" backend traces the backward as
+    inductor does (it caught a frozen-prototype gradient that failed ZeRO-2) without compiling
+    kernels; inductor is the default on GPUs."""
     from mlip_ds.export import load_model
     out = tmp_path / "compiled"
     r = _deepspeed(["--train-shards", str(synthetic_shards["train"]), "--out-dir", str(out), "--batch-size", "4",
                     "--samples-per-epoch", "32", "--epochs", "1", "--log-every", "1", "--workers", "1",
-                    "--compile", "--compile-backend", "eager"])
+                    "--objective", "mlip", "--compile", "--compile-backend", "aot_eager"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and summary["loss"] == summary["loss"]
