@@ -99,3 +99,16 @@ def test_sync_audit_is_off_on_cpu():
     with audit.paused():
         pass
     assert audit.close() is None if not torch.cuda.is_available() else True
+
+
+def test_loader_workers_fit_the_shared_memory(monkeypatch, tmp_path):
+    """MLIP at batch 256, 224 px: 294 MiB a batch, two in flight per worker, half of /dev/shm used.
+    A container's default 64 MiB holds none: load in the training process."""
+    import collections
+    import shutil
+    usage = collections.namedtuple("usage", "total used free")
+    for free_gib, workers in ((1 / 16, 0), (4, 3), (24, 12)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path, f=free_gib: usage(0, 0, int(f * 2**30)))
+        assert gpu_check.fit_workers_to_shm(12, 256, 224, shm=str(tmp_path)) == workers, free_gib
+    monkeypatch.undo()
+    assert gpu_check.fit_workers_to_shm(12, 256, 224, shm=str(tmp_path / "missing")) == 12

@@ -74,6 +74,23 @@ def step_flops(model_cfg: dict, batch_per_rank: int, ranks: int, objective: str)
 VARIANTS = ("clip", "mlip", "clip+compile", "mlip+compile")
 
 
+def fit_workers_to_shm(workers: int, batch: int, image_size: int, shm: str = "/dev/shm") -> int:
+    """Loader workers hand their batches over in shared memory, two in flight each; MLIP's two
+    fp32 views at batch 256 and 224 px are 300 MiB a batch. A container's /dev/shm is often
+    64 MiB, where workers die with a bus error: fewer workers (0: load in the training process)
+    rather than a lost run."""
+    import shutil
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return workers
+    per_batch = batch * 2 * 3 * image_size ** 2 * 4
+    fit = int(0.5 * free // (2 * per_batch))
+    if fit < workers:
+        print(f"/dev/shm has {free / 2**30:.1f} GiB free: {fit} loader workers instead of {workers}", flush=True)
+    return max(0, min(workers, fit))
+
+
 def default_batch(device: str) -> int:
     """Large enough that the GPU, not the host's kernel launches, sets the step time. The host side
     of an MLIP step (about 13k ops at ViT-B/16 + BERT-base) costs about 70 ms on a CPU core, more
@@ -163,6 +180,7 @@ def main() -> None:
     model_cfg = load_model_config(args.model)
     args.batch_size = args.batch_size or default_batch(device)
     args.workers = args.workers or (max(1, min(12, (os.cpu_count() or 4) - 2)) if device == "cuda" else 1)
+    args.workers = fit_workers_to_shm(args.workers, args.batch_size, model_cfg["preprocess"]["image_size"])
     peak = matmul_peak_tflops(device)
     shards = out / "shards"
     if not (shards / "manifest.json").exists():

@@ -21,6 +21,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU run"
+df -h /dev/shm | tail -1   # the loader's hand-over space (gpu_check.py fits its workers to it)
 "$PY" -c 'import torch, deepspeed, open_clip, transformers; print("torch", torch.__version__, "deepspeed",
   deepspeed.__version__, "open_clip", open_clip.__version__, "transformers", transformers.__version__)'
 JSON=()
