@@ -66,4 +66,3 @@ def read_train_log(out_dir):
                 rec = json.loads(line)
                 records[rec["step"]] = rec
     return records
-

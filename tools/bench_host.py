@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine, table  # noqa: E402
-from meta_step import model_and_inputs, training_step  # noqa: E402
+from meta_step import count_flops, model_and_inputs, to_dtype, training_step  # noqa: E402
 
 
 def skinny_config(model_cfg: dict, folder: Path) -> dict:
@@ -64,33 +64,18 @@ def count_ops(model, objective, inputs) -> int:
     return Count.n
 
 
-def counted_flops(model, objective, inputs) -> int:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter:  # the counter has no formula for the fused CPU kernel
-        training_step(model, objective, inputs, ema=False)
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 def saved_bytes(model, objective, inputs) -> int:
-    from unittest import mock
-
-    import meta_step
+    """Bytes autograd saves for the backward during the step's forward and losses."""
     import torch
-    from mlip_ds.losses.objective import total_loss
-    from mlip_ds.model.mlip import compute_terms
     seen = {}
 
     def pack(t):
         seen[id(t)] = t.numel() * t.element_size()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            mock.patch.object(torch, "Generator", meta_step._NoGenerator):
-        out = model(**inputs)
-        total_loss(compute_terms(out, inputs, objective, getattr(model, "prior", None)), objective, step=10**6)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        training_step(model, objective, inputs, ema=False)
+    model.zero_grad(set_to_none=True)
     return sum(seen.values())
 
 
@@ -128,10 +113,11 @@ def main(argv=None) -> None:
         for batch in map(int, args.batch_sizes.split(",")):
             model, inputs = model_and_inputs(model_cfg, objective, batch)  # on meta
             ops = count_ops(model, objective, inputs)
-            flops = counted_flops(model, objective, inputs)
+            flops = count_flops(lambda: training_step(model, objective, inputs, ema=False))
+            model.zero_grad(set_to_none=True)
             analytic = gpu_check.step_flops(model_cfg, batch, 1, name)
-            model_bf16, inputs_bf16 = model_and_inputs(model_cfg, objective, batch, dtype=torch.bfloat16)
-            saved = saved_bytes(model_bf16, objective, inputs_bf16)
+            model, inputs = to_dtype(model, inputs, torch.bfloat16)
+            saved = saved_bytes(model, objective, inputs)
             rows.append([name, batch, ops, f"{ms:.1f}", f"{analytic / 1e12:.2f}", f"{flops / 1e12:.2f}",
                          f"{flops / analytic:.3f}", f"{saved / 2**30:.2f}"])
     print(f"# Host cost and memory of one step: model {args.model}, {machine()}\n")

@@ -76,7 +76,7 @@ VARIANTS = ("clip", "mlip", "clip+compile", "mlip+compile")
 
 def fit_workers_to_shm(workers: int, batch: int, image_size: int, shm: str = "/dev/shm") -> int:
     """Loader workers hand their batches over in shared memory, two in flight each; MLIP's two
-    fp32 views at batch 256 and 224 px are 300 MiB a batch. A container's /dev/shm is often
+    fp32 views at batch 256 and 224 px are 294 MiB a batch. A container's /dev/shm is often
     64 MiB, where workers die with a bus error: fewer workers (0: load in the training process)
     rather than a lost run."""
     import shutil
@@ -93,9 +93,9 @@ def fit_workers_to_shm(workers: int, batch: int, image_size: int, shm: str = "/d
 
 def default_batch(device: str) -> int:
     """Large enough that the GPU, not the host's kernel launches, sets the step time. The host side
-    of an MLIP step (about 13k ops at ViT-B/16 + BERT-base) costs about 70 ms on a CPU core, more
-    than the GPU needs for batch 64 on an H200. Batch 256 holds about 55 GiB of bf16 activations
-    for MLIP (counted on the meta device), so it needs the H200's memory."""
+    of an MLIP step (about 10.5k ops at ViT-B/16 + BERT-base) costs about 60 ms on a CPU core, more
+    than the GPU needs for batch 64 on an H200 (tools/bench_host.py). Batch 256 holds about 53 GiB
+    of bf16 activations for MLIP (counted on the meta device), so it needs the H200's memory."""
     import torch
     if device != "cuda":
         return 8

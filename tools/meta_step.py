@@ -53,10 +53,14 @@ def model_and_inputs(model_cfg: dict, objective, batch: int, device: str = "meta
         model = MLIPModel(build_model(model_cfg), objective, len(vocab), len(vocab.categories),
                           tokenizer.tokenizer.all_special_ids).train()
     inputs = BatchPreparer(objective, tokenizer, vocab).prepare(synthetic_batch(model_cfg, batch, tokenizer), device)
-    if dtype is not None:
-        model.to(dtype=dtype)
-        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    return model, inputs
+    return to_dtype(model, inputs, dtype) if dtype is not None else (model, inputs)
+
+
+def to_dtype(model, inputs: dict, dtype):
+    """Weights and floating inputs (the images) in ``dtype``, as DeepSpeed's bf16 mode has them."""
+    import torch
+    model.to(dtype=dtype)
+    return model, {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def to_meta(model, inputs: dict):
@@ -81,3 +85,14 @@ def training_step(model, objective, inputs: dict, ema: bool = True):
             if hasattr(model, "prototypes"):
                 model.prototypes.normalize_()
     return loss, named
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` by torch's FlopCounterMode. SDPA on the math backend: the counter has no
+    formula for the fused CPU attention kernel, and it counts the math backend's matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops()
