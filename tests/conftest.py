@@ -47,10 +47,10 @@ def train_env(**extra):
     return env
 
 
-def deepspeed_cmd(args, ranks=2, ds_config="zero2.json"):
+def deepspeed_cmd(args, ranks=2, ds_config="zero2.json", port=None):
     """The user's command: deepspeed --num_gpus N mlip_ds/train.py --deepspeed_config ... ARGS."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config",
+            str(port or free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config",
             str(ROOT / "ds_configs" / ds_config)] + [str(a) for a in args]
 
 

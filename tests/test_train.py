@@ -8,24 +8,16 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, deepspeed_cmd, train_env
 from mlip_ds.config import TrainConfig
 from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config
 
 DS_CONFIG = str(ROOT / "ds_configs" / "zero2.json")
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _deepspeed(args, timeout=300, port=None):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(port or _port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _deepspeed(args, timeout=300, port=None, ranks=2):
+    return subprocess.run(deepspeed_cmd(args, ranks=ranks, port=port), cwd=ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _port():
@@ -87,7 +79,7 @@ def test_two_rank_run_checkpoints_resumes_and_exports(synthetic_shards, tmp_path
 
 def _train_cli(args):
     cmd = [sys.executable, str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", DS_CONFIG] + args
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_wrong_shard_path_fails_before_deepspeed(tmp_path):
@@ -143,13 +135,11 @@ def test_compiled_model_trains_and_exports_the_same_parameter_names(synthetic_sh
     kernels; inductor is the default on GPUs."""
     from mlip_ds.export import load_model
     out = tmp_path / "compiled"
-    from conftest import deepspeed_cmd
     args = ["--train-shards", synthetic_shards["train"], "--out-dir", out, "--batch-size", "8",
             "--samples-per-epoch", "32", "--epochs", "1", "--log-every", "1", "--workers", "1",
             "--objective", "mlip", "--compile", "--compile-backend", "aot_eager"]
     # One rank: ZeRO-2's gradient hooks are the same, and one compilation instead of two on 2 cores.
-    r = subprocess.run(deepspeed_cmd(args, ranks=1), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    r = _deepspeed(args, ranks=1)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 4 and summary["loss"] == summary["loss"]
