@@ -2,17 +2,64 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import deepspeed
 import torch.distributed as dist
 
 SHM_DIR = "/dev/shm"
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Set by mpirun / MPI launchers: DeepSpeed's own MPI discovery handles those.
+MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+class LaunchError(RuntimeError):
+    """The process was started in a way that cannot give it a rank; says how to start it."""
 
 
 def init_distributed() -> None:
-    """``deepspeed.init_distributed()``, then ``release_shm_buffers()``."""
+    """``single_process_env()``, ``deepspeed.init_distributed()``, then ``release_shm_buffers()``."""
+    single_process_env()
     deepspeed.init_distributed()
     release_shm_buffers()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env(environ=None) -> bool:
+    """``python mlip_ds/train.py ...`` without a launcher: one process, rank 0 of 1.
+
+    Without RANK/WORLD_SIZE/LOCAL_RANK, ``deepspeed.init_distributed`` falls back to MPI discovery,
+    which needs mpi4py (and an MPI launch). When no launcher set them (deepspeed, torchrun, srun via
+    slurm/pretrain.sh) and no MPI launcher is present, set rank 0 of 1 on 127.0.0.1 and a free port,
+    as nanoGPT's and open_clip's scripts do. Returns True when it did. Under ``srun`` with several
+    tasks but no RANK (each task would think it is alone) it raises ``LaunchError``.
+    """
+    env = os.environ if environ is None else environ
+    if any(v in env for v in RANK_VARS) or any(v in env for v in MPI_VARS):
+        return False
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) if "SLURM_PROCID" in env else 1
+    if tasks > 1:
+        raise LaunchError(f"started by srun as one of {tasks} tasks, but RANK/WORLD_SIZE/LOCAL_RANK are not set: "
+                          "submit slurm/pretrain.sh (it sets them from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), "
+                          "or run one task (srun -n 1) or use the deepspeed launcher")
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE=env.get("LOCAL_WORLD_SIZE", "1"))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    return True
+
+
+def launch_world_size(environ=None) -> int:
+    """The world size the launcher announced (before the process group exists); 1 without one."""
+    env = os.environ if environ is None else environ
+    for var in ("WORLD_SIZE",) + MPI_VARS[:2] + ("MV2_COMM_WORLD_SIZE",):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 1
 
 
 def shm_buffer_name(rank: int, addr: str | None = None, port: str | None = None) -> str:

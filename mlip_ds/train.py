@@ -33,7 +33,7 @@ from mlip_ds import checkpoint  # noqa: E402
 from mlip_ds.config import TrainConfig, build_parser, config_from_args  # noqa: E402
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
-from mlip_ds.distributed import init_distributed  # noqa: E402
+from mlip_ds.distributed import LaunchError, init_distributed  # noqa: E402
 from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.losses.objective import TERMS, total_loss  # noqa: E402
@@ -494,7 +494,7 @@ def main(argv=None) -> None:
     stop = StopRequest()  # before start-up: a signal that arrives while building still ends in a checkpoint
     try:
         train(cfg, args.deepspeed_config, stop)
-    except (SetupError, ShardPathError, DSConfigError) as e:
+    except (SetupError, ShardPathError, DSConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
