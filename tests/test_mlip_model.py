@@ -279,8 +279,10 @@ def test_objective_flags_and_presets():
 
 
 class _CrossDevice(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records ops that mix a device tensor with a CPU tensor of more than one element: on CUDA,
-    a blocking host -> device copy (e.g. indexing with a CPU mask)."""
+    """Records ops that, on CUDA, would copy host data to the device (a blocking copy, a sync):
+    a CPU tensor of any size (0-dim included: a scalar read is free, but ``index_put_`` copies it)
+    mixed into device ops, and any CPU -> device copy (``.to(device)`` of a tensor built on the
+    host)."""
 
     def __init__(self):
         super().__init__()
@@ -288,9 +290,33 @@ class _CrossDevice(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in tensors) and any(t.is_meta for t in tensors + outs):
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+class _HostValues(torch.overrides.TorchFunctionMode):
+    """Records what the dispatch level cannot see on meta: a device tensor built from Python values
+    (``torch.tensor(x, device=...)``: a host -> device copy on CUDA), and a Python scalar assigned
+    through integer index tensors (``t[rows, cols] = 0``: on CUDA torch makes the scalar a CPU
+    tensor and ``index_put_`` copies it to the device; with a bool mask, ``t[mask, 0] = True``, it
+    becomes a ``masked_fill_`` of the host value instead, no copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor, torch.asarray) and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type != "cpu" and not torch.is_tensor(args[0]):
+            self.ops.append(f"torch.{func.__name__}(<host values>, device={kwargs['device']})")
+        if func is torch.Tensor.__setitem__ and args[0].device.type != "cpu" and not torch.is_tensor(args[2]) \
+                and any(torch.is_tensor(i) and i.dtype != torch.bool for i in torch.utils._pytree.tree_leaves(args[1])):
+            self.ops.append("Tensor.__setitem__(<index tensors>, <Python scalar>)")
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("preset", ["clip", "mlip"])
@@ -303,9 +329,9 @@ def test_training_step_never_waits_for_the_device(setup, preset):
     objective = objective_preset(preset, **SMALL)
     model = _model(setup, objective).train()
     model, inputs = to_meta(model, BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3))
-    with _CrossDevice() as mode:
+    with _CrossDevice() as mode, _HostValues() as values:
         loss, named = training_step(model, objective, inputs)  # with the EMA update after it
-    assert loss.is_meta and mode.ops == []
+    assert loss.is_meta and mode.ops == [] and values.ops == []
     assert set(named) >= {f"loss/{t}" for t in TERMS} if preset == "mlip" else "loss/global" in named
     assert all(p.grad is not None for p in model.visual.parameters())  # the backward ran
 

@@ -49,8 +49,7 @@ def category_mask(cats_local: torch.Tensor, cats_all: torch.Tensor, offset: int 
         same = inter > 0
     else:
         raise ValueError(f"category_mask: match must be 'exact' or 'overlap', got {match!r}")
-    rows = torch.arange(a.shape[0], device=same.device)
-    same[rows, rows + offset] = False
+    same.diagonal(offset).fill_(False)  # not same[rows, rows + offset] = False: a CPU scalar copied, a sync on CUDA
     return same
 
 

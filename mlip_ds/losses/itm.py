@@ -25,9 +25,8 @@ def sample_hard_negatives(logits: torch.Tensor, cats: torch.Tensor | None = None
     b, n = logits.shape
     if n < 2:
         raise ValueError("sample_hard_negatives needs at least 2 candidates per row")
-    rows = torch.arange(b, device=logits.device)
     allowed = torch.ones(b, n, dtype=torch.bool, device=logits.device)
-    allowed[rows, rows + offset] = False
+    allowed.diagonal(offset).fill_(False)  # in place on the device: no CPU scalar copied (a sync on CUDA)
     if cats is not None:
         if cats.shape[0] != n:
             raise ValueError(f"cats must describe the {n} candidate columns, got {cats.shape[0]} rows")
@@ -52,7 +51,7 @@ def itm_batch(image: torch.Tensor, text: torch.Tensor, knowledge: torch.Tensor, 
     t = torch.cat([text, text[neg_text], text])
     k = torch.cat([knowledge, knowledge[neg_text], knowledge])
     b = image.shape[0]
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(image.device)
+    labels = (torch.arange(3 * b, device=image.device) < b).long()  # built on the device: no host copy
     return v, t, k, labels
 
 

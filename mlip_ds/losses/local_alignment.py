@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 def token_mask(input_ids: torch.Tensor, special_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
     """True where ``input_ids`` is a real word piece (not pad/CLS/SEP/...)."""
-    special = torch.tensor(list(special_ids), device=input_ids.device)
-    return ~torch.isin(input_ids, special)
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    for i in special_ids:  # one comparison each (a handful): no id tensor copied from the host, a sync on CUDA
+        mask &= input_ids != i
+    return mask
 
 
 def importance_weights(weights: torch.Tensor | None, mask: torch.Tensor,

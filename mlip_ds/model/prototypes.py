@@ -109,7 +109,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     s_max = _all_reduce(s.max().reshape(1).clone(), dist.ReduceOp.MAX)
     q = torch.exp(s - s_max).T  # (K, B): exponent shifted by the global max, which cancels below
     k = q.shape[0]
-    b = torch.tensor(float(q.shape[1]), device=q.device)
+    b = torch.full((), float(q.shape[1]), device=q.device)  # filled on the device: no host copy
     b = _all_reduce(b)  # global batch size
     q /= _all_reduce(q.sum().reshape(1))
     for _ in range(iters):
