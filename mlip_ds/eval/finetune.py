@@ -27,6 +27,8 @@ Protocol (what the numbers mean):
 
 CLI: ``python -m mlip_ds.eval.finetune --encoder NAME=EXPORT_DIR --train-data PATH --test-data PATH
 [...]`` (``--help``). Missing inputs exit with code 2 and the path named.
+``--save-classifier DIR`` also keeps one calibrated classifier (one more run on the training data
+minus a calibration split; ``mlip_ds/eval/classifier.py``) that ``python -m mlip_ds.eval.predict`` runs.
 """
 from __future__ import annotations
 
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--digits", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
+    from mlip_ds.eval.classifier import add_classifier_args
+    add_classifier_args(p)
     return p
 
 
@@ -432,6 +436,8 @@ def run_cli(args):
     seeds = _list(args.seeds, int, "--seeds")
     labels = _list(args.labels, str, "--labels") if args.labels else None
     device = resolve_device(args.device)
+    from mlip_ds.eval.classifier import check_classifier_args
+    check_classifier_args(args, EvalError)
     train_kw = dict(epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lr=args.lr,
                     head_lr=args.head_lr, weight_decay=args.weight_decay, augment=not args.no_augment,
                     max_steps=args.max_steps or None, amp=args.amp)
@@ -468,6 +474,16 @@ def run_cli(args):
                           "skipped_examples": [s._asdict() for s in (sk_tr + sk_te)[:20]]}
         if sk_tr or sk_te:
             res["notes"].append(f"skipped corrupt samples: {len(sk_tr)} train, {len(sk_te)} test")
+        if getattr(args, "save_classifier", None):
+            from mlip_ds.eval.classifier import classifier_dir, save_finetune_classifier
+            kept = save_finetune_classifier(
+                classifier_dir(args.save_classifier, name, len(encoders)), args, export_dir=path, Xtr=Xtr, Ytr=Ytr,
+                Xte=Xte, Yte=Yte, label_names=tr.label_names, task=tr.task,
+                class_names=tr.class_names if tr.task == "multiclass" else None, random_init=random_init,
+                random_init_seed=args.random_init_seed, seed=seeds[0], device=device, train_kw=train_kw)
+            res["classifier"] = {k: kept[k] for k in ("path", "thresholds", "notes")}
+            print(f"[finetune] encoder '{name}': classifier saved to {kept['path']}\n{kept['markdown']}",
+                  file=sys.stderr)
         results[name], arrays[name] = res, arr
     info = {"train_data": args.train_data, "test_data": args.test_data, "uncertain": args.uncertain,
             "missing": args.missing, "fractions": fractions, "seeds": seeds, "device": device, **train_kw}

@@ -28,6 +28,8 @@ Protocol (what the numbers mean):
 CLI: ``python -m mlip_ds.eval.linear_probe --encoder NAME=EXPORT_DIR [--encoder NAME=random:EXPORT_DIR]
 --train-data PATH --test-data PATH [...]`` (``--help``); writes ``probe.json`` and ``probe.md`` into
 ``--out`` and prints the Markdown table.
+``--save-classifier DIR`` also keeps one calibrated classifier (encoder + head + calibration +
+thresholds; ``mlip_ds/eval/classifier.py``) that ``python -m mlip_ds.eval.predict`` runs.
 """
 from __future__ import annotations
 
@@ -476,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-features", action="store_true", help="also save features_<encoder>.npz in --out")
     p.add_argument("--digits", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
+    from mlip_ds.eval.classifier import add_classifier_args
+    add_classifier_args(p)
     return p
 
 
@@ -522,6 +526,8 @@ def run_cli(args) -> tuple[dict, str, str, str]:
         except ValueError as exn:
             raise ProbeError(f"--C must be a number or 'cv', got {args.C!r}") from exn
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from mlip_ds.eval.classifier import check_classifier_args
+    check_classifier_args(args, ProbeError)
 
     try:
         from mlip_ds.export import load_image_encoder
@@ -571,6 +577,15 @@ def run_cli(args) -> tuple[dict, str, str, str]:
                           "skipped_examples": [s._asdict() for s in (itr["skipped"] + ite["skipped"])[:20]]}
         if itr["num_skipped"] or ite["num_skipped"]:
             res["notes"].append(f"skipped corrupt samples: {itr['num_skipped']} train, {ite['num_skipped']} test")
+        if getattr(args, "save_classifier", None):
+            from mlip_ds.eval.classifier import classifier_dir, save_probe_classifier
+            kept = save_probe_classifier(
+                classifier_dir(args.save_classifier, name, len(encoders)), args, export_dir=path, encoder=encoder,
+                preprocess=pre, Xtr=Xtr, Ytr=Ytr, Xte=Xte, Yte=Yte, label_names=train_ds.label_names,
+                task=train_ds.task, class_names=train_ds.class_names, C=C, random_init=random_init)
+            res["classifier"] = {k: kept[k] for k in ("path", "thresholds", "notes")}
+            print(f"[linear_probe] encoder '{name}': classifier saved to {kept['path']}\n{kept['markdown']}",
+                  file=sys.stderr)
         results[name] = res
         del encoder
     info = {"train_data": args.train_data, "test_data": args.test_data, "train_split": args.train_split,
