@@ -37,4 +37,7 @@ setup(
         "cluster": ["submitit==1.5.4"],
         "test": ["pytest", "pytest-timeout", "submitit==1.5.4"],
     },
+    entry_points={
+        "console_scripts": ["mlip-predict=mlip_ds.eval.predict:main"],
+    },
 )

@@ -5,6 +5,8 @@ states), plus one ``trainer_rank<r>.json`` per rank (data-stream positions, RNG 
 ``COMPLETE`` marker written only after every rank has finished. ``latest`` is replaced
 atomically (temp file + rename) after the marker; resuming picks ``latest`` if it is complete, else
 the newest complete tag. So a kill during a save leaves the previous checkpoint as the one loaded.
+Rank 0 also writes ``run.json`` (model config, objective, parameter shapes, world size, ZeRO stage):
+a resume compares it with the current run before DeepSpeed loads anything.
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
+SIGNATURE = "run.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here; the message says why and what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -66,12 +73,65 @@ def _fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int) -> None:
+def run_signature(module, model_cfg: dict, objective: dict, concepts, world_size: int, zero_stage: int) -> dict:
+    """What a checkpoint must share with the run that loads it (``run.json``): the model config,
+    every parameter's full shape (ZeRO-3's ``ds_shape``), the concept vocabulary; the objective,
+    world size and ZeRO stage are recorded to explain a mismatch and to spot a new world size."""
+    params = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    return {"model": model_cfg, "params": params, "concepts": concepts, "objective": objective,
+            "world_size": world_size, "zero_stage": zero_stage}
+
+
+def _diff(saved, now, prefix="") -> list[str]:
+    """Dotted keys whose values differ, as 'key (saved X, now Y)'."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _diff(saved.get(k, "<unset>"), now.get(k, "<unset>"), f"{prefix}{k}.")]
+    return [] if saved == now else [f"{prefix.rstrip('.')} (saved {saved!r}, now {now!r})"]
+
+
+def check_signature(tag_dir: Path, current: dict) -> None:
+    """Refuse, before DeepSpeed's load, a checkpoint of another model: say which keys differ."""
+    path = tag_dir / SIGNATURE
+    if not path.exists():
+        log.info("%s has no %s (saved by an older version): model config not compared before loading",
+                 tag_dir, SIGNATURE)
+        return
+    saved = json.loads(path.read_text())
+    model = _diff(saved.get("model"), current["model"])
+    names_s, names_n = set(saved.get("params", {})), set(current["params"])
+    shapes = [f"{n} (saved {saved['params'][n]}, now {current['params'][n]})"
+              for n in sorted(names_s & names_n) if saved["params"][n] != current["params"][n]]
+    concepts = saved.get("concepts") != current["concepts"]
+    if not (model or shapes or names_s != names_n or concepts):
+        return
+    parts = []
+    if model:
+        parts.append("model config keys that differ: " + "; ".join(model[:12]) + (" ..." if len(model) > 12 else ""))
+    objective = _diff(saved.get("objective", {}), current["objective"])
+    if objective:
+        parts.append("objective keys that differ: " + "; ".join(objective[:12]) + (" ..." if len(objective) > 12 else ""))
+    if names_s != names_n:
+        missing, extra = sorted(names_s - names_n), sorted(names_n - names_s)
+        parts.append(f"{len(missing)} saved parameters this model lacks {missing[:4]}, {len(extra)} of this model's "
+                     f"not in the checkpoint {extra[:4]}")
+    if shapes:
+        parts.append(f"{len(shapes)} parameters with another shape: " + "; ".join(shapes[:4]))
+    if concepts:
+        parts.append("the concept vocabulary differs (--kb)")
+    raise CheckpointError(f"checkpoint {tag_dir} was saved by another model configuration: " + ". ".join(parts)
+                          + ". Resume with the flags it was saved with (its run.json), or start a new --out-dir")
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
+         signature: dict | None = None) -> None:
     """Collective: every rank calls it."""
     rank = dist.get_rank()
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     atomic_write_text(ckpt_dir / tag / f"trainer_rank{rank}.json", json.dumps({**rank_state, "rng": rng_state()}))
+    if rank == 0 and signature is not None:
+        atomic_write_text(ckpt_dir / tag / SIGNATURE, json.dumps(signature, indent=1, default=str))
     _fault("kill_in_save", step)
     dist.barrier()
     if rank == 0:
@@ -103,13 +163,16 @@ def pick_tag(ckpt_dir: Path, which: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def resume(engine, ckpt_dir: Path, which: str) -> tuple[dict, dict] | None:
+def resume(engine, ckpt_dir: Path, which: str, signature: dict | None = None) -> tuple[dict, dict] | None:
     """Load a checkpoint into the engine; return (client_state, this rank's trainer state) or None
-    when 'latest' finds nothing yet (a requeued job's first start)."""
+    when 'latest' finds nothing yet (a requeued job's first start). With ``signature`` (this run's
+    ``run_signature``) a checkpoint of another model is refused before DeepSpeed loads it."""
     tag = pick_tag(ckpt_dir, which)
     if tag is None:
         log.info("no checkpoint in %s yet: starting from scratch", ckpt_dir)
         return None
+    if signature is not None:
+        check_signature(ckpt_dir / tag, signature)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

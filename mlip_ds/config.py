@@ -15,13 +15,13 @@ from mlip_ds.losses.objective import TERMS, ObjectiveConfig
 @dataclass
 class DataConfig:
     train_shards: str = field(default="", metadata={"help": "shard dir, brace pattern or glob (required)"})
-    samples_per_epoch: int = field(default=0, metadata={"help": "samples per epoch over all ranks (0: the manifest's count)"})
-    batch_size: int = field(default=32, metadata={"help": "micro-batch per rank"})
-    workers: int = field(default=2, metadata={"help": "data-loader worker processes per rank"})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the shuffle buffer"})
+    samples_per_epoch: int = field(default=0, metadata={"min": 0, "help": "samples per epoch over all ranks (0: the manifest's count)"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "micro-batch per rank"})
+    workers: int = field(default=2, metadata={"min": 0, "help": "data-loader worker processes per rank"})
+    shuffle_buffer: int = field(default=1000, metadata={"min": 0, "help": "samples in the shuffle buffer"})
     data_mode: str = field(default="resampled", metadata={
         "help": "'resampled': each rank/worker draws shards with replacement; 'split': disjoint shards per rank and worker"})
-    text_word_dropout: float = field(default=0.1, metadata={
+    text_word_dropout: float = field(default=0.1, metadata={"min": 0, "max": 1,
         "help": "divergence view of a report: word dropout probability (negations and hedges are kept)"})
     text_sentence_shuffle: bool = field(default=True, metadata={
         "help": "divergence view of a report: shuffle the sentences within each section"})
@@ -34,20 +34,20 @@ class ModelConfig:
     tokenizer: str = field(default="", metadata={"help": "local tokenizer folder (default: the text model's)"})
     pretrained_text: bool = field(default=False, metadata={"help": "load the text model's weights (else random init)"})
     pretrained_image: str = field(default="", metadata={"help": "local vision-tower weights (safetensors or torch file)"})
-    init_temperature: float = field(default=0.07, metadata={"help": "initial softmax temperature"})
+    init_temperature: float = field(default=0.07, metadata={"gt": 0, "help": "initial softmax temperature"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
 
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, temperature)"})
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps before the cosine decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: off)"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr: float = field(default=5e-4, metadata={"gt": 0, "help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.05, metadata={"min": 0, "help": "AdamW weight decay (not on norms, biases, temperature)"})
+    beta1: float = field(default=0.9, metadata={"min": 0, "lt": 1})
+    beta2: float = field(default=0.98, metadata={"min": 0, "lt": 1})
+    eps: float = field(default=1e-6, metadata={"gt": 0})
+    warmup_steps: int = field(default=10, metadata={"min": 0, "help": "linear warm-up steps before the cosine decay"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "gradient-norm clipping (0: off)"})
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "gradient accumulation steps"})
     adam_impl: str = field(default="auto", metadata={
         "help": "AdamW kernel when the DeepSpeed config names AdamW: auto (CUDA: torch's fused; CPU: torch's "
                 "foreach), torch-fused, torch, deepspeed (DeepSpeed's FusedAdam, JIT-compiled on first use)",
@@ -57,14 +57,14 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     out_dir: str = field(default="runs/mlip", metadata={"help": "run folder: checkpoints/, tb/, export/"})
-    epochs: int = 1
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
-    keep_last: int = field(default=3, metadata={"help": "checkpoints kept"})
-    log_every: int = field(default=10, metadata={"help": "TensorBoard scalars every N steps"})
+    epochs: int = field(default=1, metadata={"min": 1})
+    save_every: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N optimizer steps (0: only at the end)"})
+    keep_last: int = field(default=3, metadata={"min": 0, "help": "checkpoints kept"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "TensorBoard scalars every N steps"})
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint tag to resume from"})
     seed: int = 0
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: epochs decide)"})
-    max_nan_steps: int = field(default=5, metadata={"help": "stop (with a checkpoint) after this many non-finite losses in a row"})
+    max_steps: int = field(default=0, metadata={"min": 0, "help": "stop after this many optimizer steps (0: epochs decide)"})
+    max_nan_steps: int = field(default=5, metadata={"min": 1, "help": "stop (with a checkpoint) after this many non-finite losses in a row"})
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (exact replay on CPU)"})
     nan_check: str = field(default="auto", metadata={
         "help": "how a non-finite loss is skipped: sync (the loss is checked on the host every micro-step, "
@@ -83,8 +83,8 @@ class KnowledgeConfig:
     kb: str = field(default="", metadata={
         "help": "concept vocabulary: a KB JSON Lines file; '' = the packaged chest-radiograph KB; "
                 "'shards' = the concepts in the training shards' entities"})
-    concept_context_length: int = field(default=32, metadata={"help": "tokens of a concept's 'name: definition'"})
-    max_mentions: int = field(default=0, metadata={"help": "concept mentions kept per report (0: all)"})
+    concept_context_length: int = field(default=32, metadata={"min": 1, "help": "tokens of a concept's 'name: definition'"})
+    max_mentions: int = field(default=0, metadata={"min": 0, "help": "concept mentions kept per report (0: all)"})
 
 
 # --objective: which terms are on unless a --use-<term> / --false-negatives flag says otherwise.
@@ -151,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             add_dataclass_args(parser, f.default_factory, f.name, f.default_factory())
     return parser
+
+
+RANGE_WORDS = {"min": (">=", lambda v, b: v >= b), "max": ("<=", lambda v, b: v <= b),
+               "gt": (">", lambda v, b: v > b), "lt": ("<", lambda v, b: v < b)}
+
+
+def range_errors(cfg: TrainConfig) -> list[str]:
+    """Every numeric field outside the range in its metadata ("min"/"max" inclusive, "gt"/"lt"
+    exclusive), as "--flag VALUE: must be >= 1" lines; [] when all are in range."""
+    errors = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            bad = [f"{word} {f.metadata[key]}" for key, (word, ok) in RANGE_WORDS.items()
+                   if key in f.metadata and not ok(value, f.metadata[key])]
+            if value != value:  # NaN: in no range
+                bad = bad or ["a number"]
+            if bad:
+                errors.append(f"--{f.name.replace('_', '-')} {value}: must be " + " and ".join(bad))
+    return errors
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

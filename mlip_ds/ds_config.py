@@ -37,9 +37,33 @@ def _fill(section: dict, key: str, value, where: str, source: str) -> None:
                             f"set it to \"auto\" or make them agree")
 
 
+def check_batch(ds: dict, cfg: TrainConfig, world_size: int) -> None:
+    """A global batch set in the JSON (``train_batch_size``) must split over the ranks as
+    micro-batch x accumulation per rank; say which flags make it so."""
+    total = ds.get("train_batch_size", "auto")
+    if total == "auto":
+        return
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise DSConfigError(f"train_batch_size = {total!r} in the DeepSpeed config: give a positive integer or \"auto\"")
+    if total % world_size:
+        raise DSConfigError(f"train_batch_size = {total} in the DeepSpeed config does not divide over {world_size} "
+                            f"ranks (world size): run on a world size that divides {total}, or set it to \"auto\" "
+                            "(--batch-size x --grad-accum x world size)")
+    per_rank = total // world_size
+    micro, accum = ds.get("train_micro_batch_size_per_gpu", "auto"), ds.get("gradient_accumulation_steps", "auto")
+    micro = cfg.data.batch_size if micro == "auto" else micro
+    accum = cfg.optim.grad_accum if accum == "auto" else accum
+    if isinstance(micro, int) and isinstance(accum, int) and micro * accum != per_rank:
+        hint = (f"--grad-accum {per_rank // micro}" if per_rank % micro == 0 else f"--batch-size {per_rank} --grad-accum 1")
+        raise DSConfigError(f"train_batch_size = {total} in the DeepSpeed config is {per_rank} samples per rank on "
+                            f"{world_size} ranks, but micro-batch {micro} x accumulation {accum} = {micro * accum}: "
+                            f"use {hint}, or set train_batch_size to \"auto\"")
+
+
 def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, total_steps: int, bf16_ok: bool) -> dict:
     ds = copy.deepcopy(ds)
     o = cfg.optim
+    check_batch(ds, cfg, world_size)
     _fill(ds, "train_micro_batch_size_per_gpu", cfg.data.batch_size, "", "--batch-size")
     _fill(ds, "gradient_accumulation_steps", o.grad_accum, "", "--grad-accum")
     _fill(ds, "train_batch_size", cfg.data.batch_size * o.grad_accum * world_size, "",

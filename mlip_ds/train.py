@@ -30,11 +30,11 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mlip_ds import checkpoint  # noqa: E402
-from mlip_ds.config import TrainConfig, build_parser, config_from_args  # noqa: E402
+from mlip_ds.config import TrainConfig, build_parser, config_from_args, range_errors  # noqa: E402
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
-from mlip_ds.distributed import LaunchError, init_distributed  # noqa: E402
-from mlip_ds.ds_config import DSConfigError, load_ds_config, resolve_ds_config  # noqa: E402
+from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
+from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.losses.objective import TERMS, total_loss  # noqa: E402
 from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
@@ -65,6 +65,11 @@ def parse_args(argv=None):
 
 def check_inputs(cfg: TrainConfig, ds_config_path: str | None = None) -> tuple[dict, int, ConceptVocab | None]:
     """Everything a user can get wrong, checked before DeepSpeed starts."""
+    bad = range_errors(cfg)  # from the "min"/"max"/"gt"/"lt" metadata of the config fields
+    if bad:
+        raise SetupError("out of range: " + "; ".join(bad))
+    if ds_config_path:
+        check_batch(load_ds_config(ds_config_path), cfg, launch_world_size())
     if not cfg.data.train_shards:
         raise SetupError("--train-shards is required: a shard folder from `python tools/make_shards.py`")
     urls = expand_shards(cfg.data.train_shards)
@@ -206,9 +211,13 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "nan_skipped": 0,
              "skipped_before_epoch": 0, "streams": streams}
     rank_state = {"positions": [0] * streams, "skipped": [0] * streams}
+    signature = checkpoint.run_signature(module, model_cfg, cfg.objective.__dict__, run_info["concepts"], world,
+                                         ds_stage)
     if cfg.run.resume:
         try:
-            loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume)
+            loaded = checkpoint.resume(engine, ckpt_dir, cfg.run.resume, signature)
+        except checkpoint.CheckpointError as e:
+            raise SetupError(str(e)) from e
         except RuntimeError as e:
             raise SetupError(f"could not load the checkpoint in {ckpt_dir} into this model: was it saved with "
                              f"another objective (--objective/--use-<term>), model or concept vocabulary (--kb)? "
@@ -245,7 +254,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     injected_nan = _injected_nan_steps()
 
     def save_checkpoint():
-        checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last)
+        checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last,
+                        signature)
 
     data_needs = needs(cfg.objective)
     sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
@@ -495,7 +505,9 @@ def main(argv=None) -> None:
     try:
         train(cfg, args.deepspeed_config, stop)
     except (SetupError, ShardPathError, DSConfigError, LaunchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # The same error on every rank of a node: said once (by local rank 0), not once per rank.
+        if getattr(e, "every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)

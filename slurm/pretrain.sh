@@ -57,6 +57,18 @@ if [ -z "${MLIP_SHARDS:-}" ]; then
   exit 2
 fi
 
+# Every node must run the same number of tasks: a task's local world is NTASKS / NNODES.
+NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+NTASKS="${SLURM_NTASKS:-1}"
+PER_NODE="${SLURM_NTASKS_PER_NODE:-}"
+if { [[ "$PER_NODE" =~ ^[0-9]+$ ]] && [ "$((NNODES * PER_NODE))" -ne "$NTASKS" ]; } \
+   || [ "$((NTASKS % NNODES))" -ne 0 ] || [[ "${SLURM_TASKS_PER_NODE:-}" == *,* ]]; then
+  log "error: $NTASKS tasks do not match $NNODES nodes (tasks per node: ${SLURM_TASKS_PER_NODE:-${PER_NODE:-?}}," \
+      "ntasks-per-node: ${PER_NODE:-unset}): every node must run the same number of tasks;" \
+      "submit with --nodes N --ntasks-per-node K and no --ntasks (NTASKS = N x K)"
+  exit 2
+fi
+
 VENV="${MLIP_VENV:-}"
 [ -z "$VENV" ] && [ -x "$ROOT/.venv/bin/python" ] && VENV="$ROOT/.venv"
 if [ -n "$VENV" ]; then

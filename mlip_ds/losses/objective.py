@@ -22,45 +22,45 @@ class ObjectiveConfig:
     use_category: bool = field(default=True, metadata={"help": "prototype (Sinkhorn) category-level loss"})
     use_itm: bool = field(default=True, metadata={"help": "image-text matching with hard negatives"})
     use_swap: bool = field(default=True, metadata={"help": "text-swapping prediction"})
-    lambda_global: float = field(default=1.0, metadata={"help": "λg, weight of global + divergence"})
-    lambda_local: float = field(default=1.0, metadata={"help": "λl"})
-    lambda_category: float = field(default=1.0, metadata={"help": "λc"})
-    lambda_itm: float = field(default=1.0, metadata={"help": "λm"})
-    lambda_swap: float = field(default=1.0, metadata={"help": "λs"})
+    lambda_global: float = field(default=1.0, metadata={"min": 0, "help": "λg, weight of global + divergence"})
+    lambda_local: float = field(default=1.0, metadata={"min": 0, "help": "λl"})
+    lambda_category: float = field(default=1.0, metadata={"min": 0, "help": "λc"})
+    lambda_itm: float = field(default=1.0, metadata={"min": 0, "help": "λm"})
+    lambda_swap: float = field(default=1.0, metadata={"min": 0, "help": "λs"})
     # global / false negatives
     false_negatives: str = field(default="drop", metadata={
         "help": "same-knowledge-category pairs in the global loss: 'off' (plain InfoNCE), 'drop' or 'soft'"})
     false_negative_match: str = field(default="exact", metadata={"help": "'exact' category set or 'overlap'"})
-    soft_weight: float = field(default=0.5, metadata={"help": "target weight of a same-category pair ('soft')"})
+    soft_weight: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "target weight of a same-category pair ('soft')"})
     # divergence encoders
-    ema_m0: float = field(default=0.99, metadata={"help": "EMA momentum at step 0 (cosine rise)"})
-    ema_m1: float = field(default=0.999, metadata={"help": "EMA momentum at the last step"})
+    ema_m0: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA momentum at step 0 (cosine rise)"})
+    ema_m1: float = field(default=0.999, metadata={"min": 0, "max": 1, "help": "EMA momentum at the last step"})
     # local
-    local_temperature: float = field(default=0.1, metadata={"help": "token-level InfoNCE temperature"})
-    local_heads: int = field(default=4, metadata={"help": "heads of the TKP cross-attentions"})
-    local_dim: int = field(default=0, metadata={
+    local_temperature: float = field(default=0.1, metadata={"gt": 0, "help": "token-level InfoNCE temperature"})
+    local_heads: int = field(default=4, metadata={"min": 1, "help": "heads of the TKP cross-attentions"})
+    local_dim: int = field(default=0, metadata={"min": 0,
         "help": "width of the local (token/patch) space; 0: auto, 128 (the method's) or the image tower's "
                 "width if narrower"})
     local_knowledge: bool = field(default=True, metadata={"help": "tokens attend to knowledge before patches"})
     # category
-    num_prototypes: int = field(default=500, metadata={"help": "K prototypes"})
-    proto_temperature: float = field(default=0.2, metadata={"help": "swapped-prediction temperature"})
-    sinkhorn_eps: float = field(default=0.05, metadata={"help": "Sinkhorn entropy ε"})
-    sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn iterations"})
+    num_prototypes: int = field(default=500, metadata={"min": 0, "help": "K prototypes"})
+    proto_temperature: float = field(default=0.2, metadata={"gt": 0, "help": "swapped-prediction temperature"})
+    sinkhorn_eps: float = field(default=0.05, metadata={"gt": 0, "help": "Sinkhorn entropy ε"})
+    sinkhorn_iters: int = field(default=3, metadata={"min": 1, "help": "Sinkhorn iterations"})
     freeze_prototypes_epochs: int = field(default=1, metadata={"help": "epochs with frozen prototypes"})
-    proto_queue: int = field(default=0, metadata={
+    proto_queue: int = field(default=0, metadata={"min": 0,
         "help": "embeddings of past batches kept per rank and added to the Sinkhorn batch (SwAV's queue, "
                 "for global batches smaller than K); 0: off"})
-    prior_mix: float = field(default=0.3, metadata={
+    prior_mix: float = field(default=0.3, metadata={"min": 0, "max": 1,
         "help": "weight of the category co-occurrence prior in the Sinkhorn target (0: off)"})
     # fusion / proxy tasks
     # Fusion sizes, 0: auto from the embedding width E (model/mlip.py ``head_sizes``): the method's
     # 32/32/16 -> 256 for E >= 128, scaled down for narrower towers, whose step they would dominate.
-    tucker_rank_v: int = field(default=0, metadata={"help": "Tucker rank of the image factor (0: auto)"})
-    tucker_rank_t: int = field(default=0, metadata={"help": "Tucker rank of the text factor (0: auto)"})
-    tucker_rank_k: int = field(default=0, metadata={"help": "Tucker rank of the knowledge factor (0: auto)"})
-    tucker_out: int = field(default=0, metadata={"help": "Tucker fusion output width (0: auto)"})
-    swap_prob: float = field(default=0.5, metadata={"help": "probability of swapping a report"})
+    tucker_rank_v: int = field(default=0, metadata={"min": 0, "help": "Tucker rank of the image factor (0: auto)"})
+    tucker_rank_t: int = field(default=0, metadata={"min": 0, "help": "Tucker rank of the text factor (0: auto)"})
+    tucker_rank_k: int = field(default=0, metadata={"min": 0, "help": "Tucker rank of the knowledge factor (0: auto)"})
+    tucker_out: int = field(default=0, metadata={"min": 0, "help": "Tucker fusion output width (0: auto)"})
+    swap_prob: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "probability of swapping a report"})
     swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
     aux_start_steps: int = field(default=0, metadata={
         "help": "every term but the global one is off (weight 0) for the first N optimizer steps"})
