@@ -4,6 +4,10 @@ with equal steps, seeds and data by the real DeepSpeed trainer, exported, linear
 
     python tools/ablate.py --train-shards data/pretrain --probe-train data/probe_train \
         --probe-test data/probe_test --out runs/ablation --steps 300 --seeds 0
+    # several probe tasks, each NAME=TRAIN,TEST (e.g. the real-image benchmark of tools/real_pairs.py)
+    python tools/ablate.py --train-shards B/shards/pretrain --probe pneumonia=B/probe/pneumonia/train,B/probe/pneumonia/test \
+        --probe bacteria_virus=B/probe/bacteria_virus/train,B/probe/bacteria_virus/test --out runs/realbench \
+        --steps 163 --variants clip,mlip --fractions 0.01,0.1,1.0 --probe-seeds 0,1,2,3,4,5,6,7,8,9
 
 Writes OUT/ablation.json, OUT/ablation.md and OUT/ablation.png; each run lives in
 OUT/runs/<variant>/seed<k>/. Rerunning the same command continues where it stopped: finished
@@ -18,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlip_ds.eval.ablation import DEFAULT_VARIANTS, AblationError, Settings, run_all  # noqa: E402
+from mlip_ds.eval.ablation import (DEFAULT_VARIANTS, AblationError, Settings, parse_probe_spec,  # noqa: E402
+                                   run_all)
 
 
 def _list(s: str, typ, flag: str) -> tuple:
@@ -35,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python tools/ablate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-shards", required=True, help="pretraining shard folder (tools/make_shards.py)")
-    p.add_argument("--probe-train", required=True, help="labelled data the probe trains on (shard folder, CSV, tree)")
-    p.add_argument("--probe-test", required=True, help="labelled data the probe is scored on")
+    p.add_argument("--probe-train", default="", help="labelled data the probe trains on (shard folder, CSV, tree)")
+    p.add_argument("--probe-test", default="", help="labelled data the probe is scored on")
+    p.add_argument("--probe", action="append", default=[], metavar="NAME=TRAIN,TEST",
+                   help="a probe task (repeat for several): every encoder is probed on each, with the same "
+                        "fractions and seeds; the tables give per task AUC and the paired Δ vs CLIP ± SE. "
+                        "With or instead of --probe-train/--probe-test")
     p.add_argument("--out", required=True, help="output folder (rerun with the same one to resume)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps of every variant")
     p.add_argument("--seeds", default="0", help="pretraining seeds, each variant runs once per seed (default 0)")
@@ -75,7 +84,8 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
                     samples_per_epoch=a.samples_per_epoch, save_every=a.save_every, log_every=a.log_every,
                     heads=a.heads, ds_config=a.deepspeed_config, fractions=_list(a.fractions, float, "--fractions"),
                     probe_seeds=_list(a.probe_seeds, int, "--probe-seeds"), probe_workers=a.probe_workers,
-                    random_baseline=not a.no_random_baseline, extra_train_args=tuple(a.train_arg))
+                    random_baseline=not a.no_random_baseline, extra_train_args=tuple(a.train_arg),
+                    probe_tasks=tuple(parse_probe_spec(x) for x in a.probe))
 
 
 def main(argv=None) -> int:

@@ -9,12 +9,17 @@ Plain functions, used by ``tools/ablate.py`` (the CLI) and the tests:
   knowledge-category false-negative fix, ``--false-negatives drop``; on in ``mlip``, off in ``clip``).
 * ``train_command``: the ``deepspeed mlip_ds/train.py --deepspeed_config ... --resume latest`` command of
   one (variant, seed), with the flags every variant shares (steps, seed, data, batch, heads).
-* ``run_one``: train (resumes an interrupted run), export, probe; skips what is already done.
+* ``run_one``: train (resumes an interrupted run), export, probe on every probe task; skips what is done.
+* Probe tasks: ``--probe-train``/``--probe-test`` (one task, ``probe/``) and/or ``--probe NAME=TRAIN,TEST``
+  (repeatable, ``probe_NAME/``); each is probed with the same fractions and label-subsample seeds, so
+  every encoder is paired with CLIP per (pretraining seed, probe seed): ``summary.tasks[NAME]`` has AUC
+  mean ± std and the paired Δ vs CLIP with its standard error (std of the differences / sqrt(n)).
 * ``collect`` / ``format_table`` / ``plot_bars`` / ``write_outputs``: ``ablation.json``, ``ablation.md``
   and ``ablation.png``.
 
 Layout of ``--out``: ``runs/<variant>/seed<k>/`` is the trainer's ``--out-dir`` (checkpoints, export,
-``train_log.jsonl``, ``summary.json``, ``train.log`` = its output) with ``probe/probe.json`` next to it,
+``train_log.jsonl``, ``summary.json``, ``train.log`` = its output) with ``probe/probe.json`` (and
+``probe_<task>/probe.json`` per ``--probe`` task) next to it,
 and ``ablation_run.json`` (the settings it was made with: a rerun with other settings is refused).
 """
 from __future__ import annotations
@@ -136,11 +141,51 @@ class Settings:
     probe_workers: int = 1
     random_baseline: bool = True
     extra_train_args: tuple[str, ...] = field(default_factory=tuple)
+    probe_tasks: tuple[tuple[str, str, str], ...] = ()   # (name, train data, test data) from --probe
 
     def shared(self) -> dict:
-        """What must be equal between a run and its resumption (everything but paths to outputs)."""
+        """What must be equal between a run and its resumption (everything but paths to outputs). The
+        probe tasks are left out while there are none, so runs made before ``--probe`` existed resume."""
         d = {k: v for k, v in self.__dict__.items() if k not in ("out", "variants", "seeds")}
+        if not self.probe_tasks:
+            d.pop("probe_tasks")
         return json.loads(json.dumps(d))
+
+
+LEGACY_TASK = "probe"   # the task of --probe-train/--probe-test; its folder is probe/ (as before --probe)
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    name: str
+    train: str
+    test: str
+    folder: str          # sub-folder of a run folder: probe (legacy) or probe_<name>
+
+
+def probe_tasks(s: Settings) -> list[ProbeTask]:
+    """The probe tasks in order: the --probe-train/--probe-test one first (if given), then each --probe."""
+    out = [ProbeTask(LEGACY_TASK, s.probe_train, s.probe_test, "probe")] if s.probe_train or s.probe_test else []
+    out += [ProbeTask(n, tr, te, f"probe_{n}") for n, tr, te in s.probe_tasks]
+    return out
+
+
+def parse_probe_spec(spec: str) -> tuple[str, str, str]:
+    """``NAME=TRAIN,TEST`` -> (name, train, test); AblationError naming what is wrong."""
+    name, eq, paths = spec.partition("=")
+    name = name.strip()
+    parts = paths.split(",")
+    if not eq or len(parts) != 2 or not all(p.strip() for p in parts):
+        raise AblationError(f"--probe {spec!r}: expected NAME=TRAIN,TEST (two data paths after the '=')")
+    _check_task_name(name)
+    return name, parts[0].strip(), parts[1].strip()
+
+
+def _check_task_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise AblationError(f"probe task name {name!r}: use letters, digits, '-' and '_' only")
+    if name == LEGACY_TASK:
+        raise AblationError(f"probe task name {name!r} is taken by --probe-train/--probe-test: choose another")
 
 
 def manifest_samples(shards: str) -> int:
@@ -170,14 +215,31 @@ def check_settings(s: Settings) -> None:
         raise AblationError(f"--fractions must be in (0, 1], got {list(s.fractions)}")
     if s.heads not in ("auto", "tiny", "default"):
         raise AblationError(f"--heads must be auto, tiny or default, got {s.heads!r}")
-    for flag, path in (("--train-shards", s.train_shards), ("--probe-train", s.probe_train),
-                       ("--probe-test", s.probe_test)):
+    if bool(s.probe_train) != bool(s.probe_test):
+        raise AblationError("--probe-train and --probe-test go together (or use --probe NAME=TRAIN,TEST)")
+    tasks = probe_tasks(s)
+    if not tasks:
+        raise AblationError("no probe data: give --probe-train and --probe-test, or --probe NAME=TRAIN,TEST")
+    names = [t[0] for t in s.probe_tasks]
+    for n in names:
+        _check_task_name(n)
+    if len(set(names)) != len(names):
+        raise AblationError(f"--probe: a task name is used twice: {names}")
+    paths = [("--train-shards", s.train_shards)]
+    for t in tasks:
+        if t.name == LEGACY_TASK:
+            paths += [("--probe-train", t.train), ("--probe-test", t.test)]
+        else:
+            paths += [(f"--probe {t.name} (train)", t.train), (f"--probe {t.name} (test)", t.test)]
+    for flag, path in paths:
         p = Path(path)
         if any(c in path for c in "{*?[") and flag == "--train-shards":
             continue  # a brace pattern or glob: train.py checks every file it expands to
         if not p.exists():
-            raise AblationError(f"{flag} {path}: not found (make shards with `python tools/make_shards.py "
-                                f"synthetic --out {path} ...`)")
+            hint = ("make shards with `python tools/make_shards.py synthetic --out " + path + " ...`"
+                    if flag in ("--train-shards", "--probe-train", "--probe-test")
+                    else "a shard folder, CSV or class-per-folder tree; tools/real_pairs.py builds them")
+            raise AblationError(f"{flag} {path}: not found ({hint})")
         if p.is_dir() and not any(p.glob("*.tar")) and flag == "--train-shards":
             raise AblationError(f"{flag} {path}: no *.tar shards in this folder")
     if not ds_config_path(s).exists():
@@ -252,9 +314,10 @@ def shown_command(cmd: Sequence[str]) -> str:
     return " ".join(shlex.quote(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c) for c in cmd)
 
 
-def probe_command(s: Settings, encoder: str, out: Path) -> list[str]:
+def probe_command(s: Settings, encoder: str, out: Path, task: ProbeTask | None = None) -> list[str]:
+    task = task or probe_tasks(s)[0]
     return [sys.executable, "-m", "mlip_ds.eval.linear_probe", "--encoder", encoder,
-            "--train-data", _abs(s.probe_train), "--test-data", _abs(s.probe_test), "--out", _abs(out),
+            "--train-data", _abs(task.train), "--test-data", _abs(task.test), "--out", _abs(out),
             "--fractions", ",".join(f"{f:g}" for f in s.fractions),
             "--seeds", ",".join(map(str, s.probe_seeds)), "--workers", str(s.probe_workers), "--no-progress"]
 
@@ -363,14 +426,17 @@ def run_one(s: Settings, variant: str, seed: int, log: Callable[[str], None] = p
         (d / "ablation_times.json").write_text(json.dumps(times))
         did.update(trained=True, train_wall_s=wall)
         log(f"  trained in {wall:.0f} s")
-    probe_dir = d / "probe"
-    if probe_done(s, probe_dir):
-        log("  probe: done already")
-    else:
-        log(f"  probe: fractions {list(s.fractions)}, seeds {list(s.probe_seeds)}")
-        wall = _run_logged(probe_command(s, f"{variant}={d / 'export'}", probe_dir), d / "probe.log",
-                           f"linear probe of '{variant}' seed {seed}")
+    for task in probe_tasks(s):
+        probe_dir = d / task.folder
+        what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
+        if probe_done(s, probe_dir):
+            log(f"  {what}: done already")
+            continue
+        log(f"  {what}: fractions {list(s.fractions)}, seeds {list(s.probe_seeds)}")
+        wall = _run_logged(probe_command(s, f"{variant}={d / 'export'}", probe_dir, task), d / f"{task.folder}.log",
+                           f"linear {what} of '{variant}' seed {seed}")
         did["probed"] = True
+        did.setdefault("probe_wall_s", {})[task.name] = wall
         log(f"  probed in {wall:.0f} s")
     return did
 
@@ -378,15 +444,18 @@ def run_one(s: Settings, variant: str, seed: int, log: Callable[[str], None] = p
 def run_random_baseline(s: Settings, log: Callable[[str], None] = print) -> Path | None:
     """The same architecture with random weights, probed once (context for the table)."""
     src = run_dir(s, s.variants[0], s.seeds[0]) / "export"
-    probe_dir = Path(s.out) / "runs" / "random-init" / "probe"
-    if probe_done(s, probe_dir):
-        log("  random-init probe: done already")
-        return probe_dir
-    probe_dir.parent.mkdir(parents=True, exist_ok=True)
-    log("  probe of the random-init encoder (same architecture)")
-    _run_logged(probe_command(s, f"random-init=random:{src}", probe_dir), probe_dir.parent / "probe.log",
-                "linear probe of the random-init encoder")
-    return probe_dir
+    base = Path(s.out) / "runs" / "random-init"
+    for task in probe_tasks(s):
+        probe_dir = base / task.folder
+        what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
+        if probe_done(s, probe_dir):
+            log(f"  random-init {what}: done already")
+            continue
+        base.mkdir(parents=True, exist_ok=True)
+        log(f"  {what} of the random-init encoder (same architecture)")
+        _run_logged(probe_command(s, f"random-init=random:{src}", probe_dir, task), base / f"{task.folder}.log",
+                    f"linear {what} of the random-init encoder")
+    return base / probe_tasks(s)[0].folder
 
 
 def run_all(s: Settings, log: Callable[[str], None] = print) -> dict:
@@ -422,6 +491,18 @@ def _mean_std(values: Sequence[float]) -> dict:
     mean = sum(v) / len(v)
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return {"mean": mean, "std": std, "n": len(v)}
+
+
+def paired_stats(differences: Sequence[float]) -> dict:
+    """Mean ± std of paired differences, their standard error ``se = std / sqrt(n)`` (std with ddof 1)
+    and ``beyond_2se`` (|mean| > 2 se). With fewer than two differences se and beyond_2se are None:
+    one pair says nothing about the spread."""
+    ms = _mean_std(differences)
+    n = ms["n"]
+    if n < 2:
+        return {**ms, "se": None, "beyond_2se": None}
+    se = ms["std"] / math.sqrt(n)
+    return {**ms, "se": se, "beyond_2se": bool(abs(ms["mean"]) > 2 * se)}
 
 
 def read_train_log(d: Path) -> list[dict]:
@@ -468,13 +549,34 @@ def probe_means(probe_json: dict, fractions: Sequence[float]) -> dict[str, dict[
     return out
 
 
+def probe_reused(probe_json: dict, fractions: Sequence[float]) -> dict[str, list[int]]:
+    """{fraction_key: [probe seeds whose number repeats another seed's fit]}: at 100% of the labels every
+    seed fits the same data, so the probe fits once and repeats it (``reused_from_seed``). Those repeats
+    are not independent values and are left out of the per-task statistics."""
+    enc = next(iter(probe_json["encoders"].values()))
+    out: dict[str, list[int]] = {}
+    for f in fractions:
+        key = f"{float(f):g}"
+        seeds = {int(r["seed"]) for r in enc["per_seed"]
+                 if f"{float(r['fraction']):g}" == key and r.get("reused_from_seed") is not None}
+        out[key] = sorted(seeds)
+    return out
+
+
+def _task_probe(path: Path, fractions) -> tuple[dict | None, dict | None]:
+    p = _read_json(path)
+    return (probe_means(p, fractions), probe_reused(p, fractions)) if p else (None, None)
+
+
 def collect(s: Settings) -> dict:
     """``ablation.json``'s content: per variant the runs (losses, speed, probe AUC per probe seed), the
     summary (mean ± std over pretraining seeds x probe seeds) and the paired difference to CLIP."""
     sch = schedule(s)
+    tasks = probe_tasks(s)
     result = {"settings": {**s.shared(), "out": s.out, "variants": list(s.variants), "seeds": list(s.seeds),
                            **sch},
-              "commands": {}, "variants": {}, "fractions": [f"{float(f):g}" for f in s.fractions]}
+              "commands": {}, "variants": {}, "fractions": [f"{float(f):g}" for f in s.fractions],
+              "tasks": {t.name: {"train": t.train, "test": t.test, "folder": t.folder} for t in tasks}}
     for v in s.variants:
         pv = parse_variant(v)
         runs = []
@@ -482,47 +584,92 @@ def collect(s: Settings) -> dict:
             d = run_dir(s, v, seed)
             result["commands"][f"{pv.name} seed {seed}"] = shown_command(train_command(s, v, seed))
             summary = _read_json(d / "summary.json") or {}
-            probe = _read_json(d / "probe" / "probe.json")
+            probes, reused = {}, {}
+            for t in tasks:
+                probes[t.name], reused[t.name] = _task_probe(d / t.folder / "probe.json", s.fractions)
             runs.append({"seed": seed, "run_dir": str(d), "steps": summary.get("step"),
                          **train_stats(d, s.steps),
                          "train_wall_s": (_read_json(d / "ablation_times.json") or {}).get("train_wall_s"),
-                         "probe": probe_means(probe, s.fractions) if probe else None})
+                         "probe": probes[tasks[0].name], "probes": probes, "probe_reused": reused})
         result["variants"][pv.name] = {"terms": list(pv.terms), "false_negatives": pv.false_negatives,
                                        "train_args": variant_train_args(pv), "runs": runs}
-    rnd = _read_json(Path(s.out) / "runs" / "random-init" / "probe" / "probe.json")
-    result["random_init"] = {"probe": probe_means(rnd, s.fractions)} if rnd else None
+    rnd, rnd_reused = {}, {}
+    for t in tasks:
+        rnd[t.name], rnd_reused[t.name] = _task_probe(Path(s.out) / "runs" / "random-init" / t.folder / "probe.json",
+                                                      s.fractions)
+    result["random_init"] = ({"probe": rnd[tasks[0].name], "probes": rnd, "probe_reused": rnd_reused}
+                             if any(v is not None for v in rnd.values()) else None)
     summarize(result)
     return result
 
 
+def _seed_key(seed):
+    """Probe seeds are ints in memory and strings after a JSON round trip."""
+    return str(seed)
+
+
+def _auc_and_deltas(runs: list[dict], ref_runs: list[dict] | None, f: str, task: str | None) -> tuple[list, list]:
+    """The AUC values of one variant at fraction f (over pretraining seed x probe seed) and the paired
+    differences to the reference (same pretraining seed, same probe seed). ``task`` None: the run's
+    ``probe`` (first task); a task name: ``probes[task]``, without the repeated 100% fits."""
+    def means(run):
+        m = run.get("probe") if task is None else (run.get("probes") or {}).get(task)
+        return {_seed_key(k): x for k, x in ((m or {}).get(f) or {}).items()}
+
+    def reused(run):
+        pr = run.get("probe_reused") or {}
+        key = task if task is not None else next(iter(pr), None)  # None: the first task's
+        return {_seed_key(x) for x in ((pr.get(key) or {}).get(f) or [])}
+
+    vals, deltas = [], []
+    for run in runs:
+        skip = reused(run)
+        rrun = next((r for r in ref_runs or [] if r["seed"] == run["seed"]), None)
+        rmeans = means(rrun) if rrun is not None else {}
+        for seed, val in means(run).items():
+            if seed in skip:
+                continue
+            vals.append(val)
+            rval = rmeans.get(seed)
+            if val is not None and rval is not None:
+                deltas.append(val - rval)
+    return vals, deltas
+
+
 def summarize(result: dict) -> dict:
-    """Fill ``summary`` (AUC mean ± std over all (pretraining seed, probe seed) pairs, speed, losses) and
-    ``delta_vs_clip`` (mean ± std of the paired differences to CLIP: same pretraining and probe seed)."""
+    """Fill ``summary`` (AUC mean ± std over all (pretraining seed, probe seed) pairs, speed, losses),
+    ``delta_vs_clip`` (paired differences to CLIP: same pretraining and probe seed; mean ± std, se,
+    beyond_2se) for the first probe task, and ``summary.tasks[name]`` with both for every task."""
     fracs = result["fractions"]
     ref = result["variants"].get("clip")
+    tasks = list(result.get("tasks") or {})
     for name, v in result["variants"].items():
         summ = {"auc": {}, "delta_vs_clip": {}}
         for f in fracs:
-            vals, deltas = [], []
-            for run in v["runs"]:
-                ms = (run.get("probe") or {}).get(f, {})
-                for seed, val in ms.items():
-                    vals.append(val)
-                    if ref is not None:
-                        rrun = next((r for r in ref["runs"] if r["seed"] == run["seed"]), None)
-                        rval = ((rrun or {}).get("probe") or {}).get(f, {}).get(seed)
-                        if val is not None and rval is not None:
-                            deltas.append(val - rval)
+            vals, deltas = _auc_and_deltas(v["runs"], ref["runs"] if ref else None, f, None)
             summ["auc"][f] = _mean_std(vals)
-            summ["delta_vs_clip"][f] = _mean_std(deltas) if ref is not None else None
+            summ["delta_vs_clip"][f] = paired_stats(deltas) if ref is not None else None
+        summ["tasks"] = {}
+        for t in tasks:
+            ts = summ["tasks"][t] = {"auc": {}, "delta_vs_clip": {}}
+            for f in fracs:
+                vals, deltas = _auc_and_deltas(v["runs"], ref["runs"] if ref else None, f, t)
+                ts["auc"][f] = _mean_std(vals)
+                ts["delta_vs_clip"][f] = paired_stats(deltas) if ref is not None else None
         summ["samples_per_s"] = _mean_std([r.get("samples_per_s") for r in v["runs"]])
         keys = sorted({k for r in v["runs"] for k in r.get("final_losses", {})})
         summ["final_losses"] = {k: _mean_std([r["final_losses"].get(k) for r in v["runs"]])["mean"] for k in keys}
         summ["steps"] = sorted({r.get("steps") for r in v["runs"]}, key=lambda x: (x is None, x))
         v["summary"] = summ
-    if result.get("random_init"):
-        result["random_init"]["auc"] = {f: _mean_std(list(result["random_init"]["probe"].get(f, {}).values()))
-                                        for f in fracs}
+    rnd = result.get("random_init")
+    if rnd:
+        rnd["auc"] = {f: _mean_std(list((rnd.get("probe") or {}).get(f, {}).values())) for f in fracs}
+        rnd["tasks"] = {}
+        for t in tasks:
+            if (rnd.get("probes") or {}).get(t) is None:
+                continue
+            run = {"seed": None, "probes": rnd["probes"], "probe_reused": rnd.get("probe_reused") or {}}
+            rnd["tasks"][t] = {"auc": {f: _mean_std(_auc_and_deltas([run], None, f, t)[0]) for f in fracs}}
     return result
 
 
@@ -590,19 +737,145 @@ def format_table(result: dict, digits: int = 3) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def task_mode(result: dict) -> bool:
+    """True when the run has ``--probe`` tasks: the output then has a training table and one probe table
+    per task (else the single table as before ``--probe``)."""
+    return any(t != LEGACY_TASK for t in result.get("tasks") or {})
+
+
+def _variant_label(name: str) -> str:
+    return f"**{name}**" if name in ("clip", "mlip") else name
+
+
+def _loss_text(losses: dict) -> str:
+    order = [k for k in _SHORT if k in losses] + sorted(k for k in losses if k not in _SHORT)
+    return " / ".join(f"{_SHORT.get(k, k)} {losses[k]:.2f}" for k in order if losses[k] is not None) or "n/a"
+
+
+def format_training_table(result: dict) -> str:
+    """variant | terms on | steps | final losses | train samples/s | train wall s (mean over seeds)."""
+    lines = ["| variant | terms on | steps | final losses | train samples/s | train wall s |",
+             "|---|---|---:|---|---:|---:|"]
+    for name, v in result["variants"].items():
+        s = v["summary"]
+        terms = ", ".join(v["terms"]) + (" (+fn)" if v.get("false_negatives", "off") != "off" else "")
+        steps = ",".join("?" if x is None else str(x) for x in s.get("steps", [])) or "?"
+        sps = s.get("samples_per_s") or {}
+        wall = _mean_std([r.get("train_wall_s") for r in v["runs"]])
+        lines.append("| " + " | ".join([
+            _variant_label(name), terms, steps, _loss_text(s.get("final_losses", {})),
+            "n/a" if sps.get("mean") is None else f"{sps['mean']:.1f}",
+            "n/a" if wall["mean"] is None else f"{wall['mean']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _delta_cell(d: dict | None, digits: int) -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    if d.get("se") is None:
+        return f"{d['mean']:+.{digits}f} (n={d['n']}, no SE)"
+    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} (n={d['n']})"
+
+
+def format_task_table(result: dict, task: str, digits: int = 3) -> str:
+    """One probe task: variant | AUC per fraction (mean ± std) | Δ vs CLIP per fraction (mean ± SE of the
+    paired differences) | the fractions where |Δ| > 2 SE; the random-init row last."""
+    fracs = result["fractions"]
+    has_clip = "clip" in result["variants"]
+    header = ["variant"] + [f"AUC {_frac_header(f)}" for f in fracs]
+    if has_clip:
+        header += [f"Δ vs CLIP {_frac_header(f)} (± SE)" for f in fracs] + ["|Δ| > 2 SE at"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join(["---:"] * (len(header) - 1)) + "|"]
+    for name, v in result["variants"].items():
+        ts = (v["summary"].get("tasks") or {}).get(task) or {"auc": {}, "delta_vs_clip": {}}
+        row = [_variant_label(name)] + [_pm(ts["auc"].get(f), digits) for f in fracs]
+        if has_clip:
+            if name == "clip":
+                row += ["—" for _ in fracs] + ["—"]
+            else:
+                ds = [ts["delta_vs_clip"].get(f) for f in fracs]
+                row += [_delta_cell(d, digits) for d in ds]
+                beyond = [_frac_header(f) for f, d in zip(fracs, ds) if d and d.get("beyond_2se")]
+                row.append(", ".join(beyond) or "none")
+        lines.append("| " + " | ".join(row) + " |")
+    rnd = ((result.get("random_init") or {}).get("tasks") or {}).get(task)
+    if rnd:
+        row = ["random init (no training)"] + [_pm(rnd["auc"].get(f), digits) for f in fracs]
+        if has_clip:
+            row += ["" for _ in fracs] + [""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_task_tables(result: dict, digits: int = 3) -> str:
+    st = result.get("settings", {})
+    n_seeds = len(st.get("seeds", [])) or "?"
+    n_probe = len(st.get("probe_seeds", [])) or "?"
+    parts = ["## Training\n", format_training_table(result)]
+    for task, info in (result.get("tasks") or {}).items():
+        parts += [f"\n## Probe task `{task}`\n", f"Train `{info.get('train')}`, test `{info.get('test')}`.\n\n",
+                  format_task_table(result, task, digits)]
+    parts.append(
+        f"\nAUC: linear-probe ROC AUC (mean over the task's labels), mean ± std over {n_seeds} pretraining seed(s) "
+        f"x {n_probe} label-subsample seed(s). Δ vs CLIP: mean of the paired differences (same pretraining "
+        "seed, same label subsample) ± their standard error, SE = std of the differences / sqrt(n); "
+        "'|Δ| > 2 SE at' lists the fractions where the mean difference is more than two SE from 0. At 100% of "
+        "the labels every subsample seed fits the same data, so n counts pretraining seeds only there (one "
+        "pretraining seed: no SE). The SE covers label subsampling (and pretraining seeds when there are "
+        "several), not the test set's own sampling noise. Final losses: unweighted terms, mean over the log "
+        "records of the last 10% of steps. (+fn) = the knowledge-category false-negative fix.\n")
+    return "".join(parts)
+
+
 def plot_bars(result: dict, path: str) -> str:
     """Grouped bars: probe AUC per variant, one bar per label fraction, ± std; CLIP's level dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if task_mode(result):
+        return _plot_tasks(result, path, plt)
     names = list(result["variants"])
     rows = [(n, result["variants"][n]["summary"]["auc"]) for n in names]
     if result.get("random_init") and result["random_init"].get("auc"):
         rows.append(("random init", result["random_init"]["auc"]))
-    fracs = result["fractions"]
-    width = 0.8 / max(1, len(fracs))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 1.5), 4))
+    clip = result["variants"].get("clip", {}).get("summary", {}).get("auc", {})
+    _bars(ax, rows, result["fractions"], clip)
+    ax.set_ylabel("linear-probe AUC (mean over labels)")
+    ax.set_title(f"Ablation: {result.get('settings', {}).get('steps', '?')} steps per variant (dashed: CLIP)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_tasks(result: dict, path: str, plt) -> str:
+    """One panel per probe task, bars as in ``plot_bars``."""
+    tasks = list(result.get("tasks") or {})
+    names = list(result["variants"])
+    width_in = max(5.0, 1.1 * (len(names) + 1) + 1.5)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width_in * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [(n, ((result["variants"][n]["summary"].get("tasks") or {}).get(task) or {}).get("auc", {}))
+                for n in names]
+        rnd = ((result.get("random_init") or {}).get("tasks") or {}).get(task)
+        if rnd:
+            rows.append(("random init", rnd["auc"]))
+        clip = (((result["variants"].get("clip") or {}).get("summary", {}).get("tasks") or {}).get(task) or {})
+        _bars(ax, rows, result["fractions"], clip.get("auc", {}))
+        ax.set_title(f"probe '{task}' (dashed: CLIP)")
+        ax.set_ylabel("linear-probe AUC")
+    fig.suptitle(f"Ablation: {result.get('settings', {}).get('steps', '?')} steps per variant; bars: mean ± std "
+                 "over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, rows: list, fracs: list, clip_auc: dict) -> None:
+    width = 0.8 / max(1, len(fracs))
     lo = []
     for j, f in enumerate(fracs):
         xs = [i + (j - (len(fracs) - 1) / 2) * width for i in range(len(rows))]
@@ -611,21 +884,15 @@ def plot_bars(result: dict, path: str) -> str:
         es = [m.get("std") or 0.0 for m in ms]
         bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=f"{_frac_header(f)} labels")
         lo += [y - e for y, e in zip(ys, es) if not math.isnan(y)]
-        clip = result["variants"].get("clip", {}).get("summary", {}).get("auc", {}).get(f, {}).get("mean")
+        clip = (clip_auc.get(f) or {}).get("mean")
         if clip is not None:
             ax.axhline(clip, color=bars.patches[0].get_facecolor(), ls="--", lw=0.8, alpha=0.8)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r[0] for r in rows], rotation=30, ha="right")
     if lo:
         ax.set_ylim(max(0.0, min(lo) - 0.05), None)
-    ax.set_ylabel("linear-probe AUC (mean over labels)")
-    ax.set_title(f"Ablation: {result.get('settings', {}).get('steps', '?')} steps per variant (dashed: CLIP)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_outputs(result: dict, out: str) -> tuple[Path, Path, Path]:
@@ -633,13 +900,19 @@ def write_outputs(result: dict, out: str) -> tuple[Path, Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     st = result.get("settings", {})
     head = [f"# MLIP ablation: {st.get('steps', '?')} steps per variant", ""]
-    if st:
+    if st and task_mode(result):
+        head += [f"Pretraining: `{st.get('train_shards')}` ({st.get('samples_per_epoch')} samples/epoch), model "
+                 f"`{st.get('model')}`, {st.get('ranks')} rank(s) x batch {st.get('batch_size')} (global "
+                 f"{st.get('global_batch')}), lr {st.get('lr')}, seeds {st.get('seeds')}. Probe tasks: "
+                 f"{', '.join(result.get('tasks') or {})}; fractions {st.get('fractions')}, probe seeds "
+                 f"{st.get('probe_seeds')}.", ""]
+    elif st:
         head += [f"Pretraining: `{st.get('train_shards')}` ({st.get('samples_per_epoch')} samples/epoch), model "
                  f"`{st.get('model')}`, {st.get('ranks')} rank(s) x batch {st.get('batch_size')} (global "
                  f"{st.get('global_batch')}), lr {st.get('lr')}, seeds {st.get('seeds')}. Probe: train "
                  f"`{st.get('probe_train')}`, test `{st.get('probe_test')}`, fractions {st.get('fractions')}, "
                  f"probe seeds {st.get('probe_seeds')}.", ""]
-    md = "\n".join(head) + format_table(result)
+    md = "\n".join(head) + (format_task_tables(result) if task_mode(result) else format_table(result))
     if result.get("commands"):
         md += "\nTrainer commands:\n\n```\n" + "\n".join(result["commands"].values()) + "\n```\n"
     paths = (out_dir / "ablation.json", out_dir / "ablation.md", out_dir / "ablation.png")
