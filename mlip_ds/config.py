@@ -40,7 +40,10 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=5e-4, metadata={"gt": 0, "help": "peak learning rate (AdamW)"})
+    lr: float = field(default=5e-4, metadata={"gt": 0, "help": "peak learning rate (AdamW) of everything trained from scratch"})
+    lr_pretrained: float = field(default=2e-5, metadata={
+        "help": "peak learning rate of a tower loaded with pretrained weights (--pretrained-text, "
+                "--pretrained-image); the method's 2e-5 (new heads keep --lr)"})
     weight_decay: float = field(default=0.05, metadata={"min": 0, "help": "AdamW weight decay (not on norms, biases, temperature)"})
     beta1: float = field(default=0.9, metadata={"min": 0, "lt": 1})
     beta2: float = field(default=0.98, metadata={"min": 0, "lt": 1})

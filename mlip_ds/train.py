@@ -29,14 +29,14 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mlip_ds import checkpoint  # noqa: E402
+from mlip_ds import checkpoint, recipe  # noqa: E402
 from mlip_ds.config import TrainConfig, build_parser, config_from_args, range_errors  # noqa: E402
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
 from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
-from mlip_ds.losses.objective import TERMS, total_loss  # noqa: E402
+from mlip_ds.losses.objective import TERMS, active_terms, total_loss  # noqa: E402
 from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
 from mlip_ds.model.mlip import (BatchPreparer, MLIPModel, compute_terms, mlip_parts_on, mlip_state,  # noqa: E402
                                 needs)
@@ -136,16 +136,27 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on gains, biases, norms and the temperature (open_clip's rule)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 pretrained: tuple[str, ...] = (), lr_pretrained: float | None = None) -> list[dict]:
+    """No weight decay on gains, biases, norms and the temperature (open_clip's rule); parameters
+    under the ``pretrained`` name prefixes (towers loaded with weights) get ``lr_pretrained``, the
+    rest ``lr`` (None: the optimizer's). The cosine schedule scales each group's own peak. Frozen
+    parameters (prototypes during their freeze) stay in their group: the set never changes."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not name.startswith("prototypes."):
             continue
         skip = (p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
                 or name.startswith("prototypes."))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((name.startswith(pretrained) if pretrained else False, skip), []).append(p)
+    out = []
+    for (pre, skip), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
+        peak = lr_pretrained if pre else lr
+        if peak is not None:
+            group["lr"] = peak
+        out.append(group)
+    return out
 
 
 def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = None) -> dict:
@@ -171,6 +182,13 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     total_steps = steps_per_epoch * cfg.run.epochs
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
+    # Fractions of the run -> steps, K from the global batch; printed once with what is known to hurt.
+    cfg = recipe.resolve(cfg, total_steps, cfg.data.batch_size * world * accum)
+    if rank == 0:
+        for line in recipe.describe(cfg, total_steps, cfg.data.batch_size * world * accum):
+            log.info("recipe: %s", line)
+        for line in recipe.warnings_for(cfg, total_steps, cfg.data.batch_size * world * accum):
+            log.warning("recipe: %s", line)
 
     clip = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
                        pretrained_image=cfg.model.pretrained_image or None,
@@ -189,8 +207,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
     ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
     nan_check = resolve_nan_check(cfg.run.nan_check, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           model_parameters=param_groups(model, cfg.optim.weight_decay))
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, recipe.pretrained_towers(cfg),
+                          cfg.optim.lr_pretrained)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
     device = engine.device
     if cfg.run.compile:  # in place: parameter names (checkpoints, export) stay the same
         engine.compile(backend=cfg.run.compile_backend)
@@ -260,8 +279,6 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     data_needs = needs(cfg.objective)
     sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
-        if hasattr(module, "prototypes"):  # MGCA: prototypes frozen for the first epoch(s)
-            module.prototypes.freeze(state["epoch"] < cfg.objective.freeze_prototypes_epochs)
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
                           image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
                           cfg.data.data_mode, second_view=data_needs["second_view"], raw=data_needs["raw"],
@@ -280,11 +297,16 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             state["samples_seen"] += global_batch
             window["samples"] += global_batch
 
+            if hasattr(module, "prototypes"):  # MGCA: frozen at first (--freeze-prototypes)
+                frozen = state["step"] < cfg.objective.freeze_prototypes_steps
+                if module.prototypes.frozen != frozen:
+                    module.prototypes.freeze(frozen)
+            active = active_terms(cfg.objective, state["step"])  # a delayed term is not computed
             inputs = preparer.to_device(batch, device, dtype)
-            out = engine(**inputs)
+            out = engine(**inputs, active=active)
             prior_before = prior.counts.clone() if prior is not None else None
-            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior), cfg.objective,
-                                     step=state["step"])
+            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior, active=active),
+                                     cfg.objective, step=state["step"])
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
             if nan_check == "sync":

@@ -148,6 +148,33 @@ def test_divergence_loss_is_the_two_cross_terms_and_ema_features_get_no_gradient
     assert img_d.grad is None and txt_d.grad is None
 
 
+def test_divergence_loss_false_negatives_and_image_image_term():
+    img, txt = _unit(6, 4, seed=7).requires_grad_(), _unit(6, 4, seed=8).requires_grad_()
+    img_d, txt_d = _unit(6, 4, seed=9), _unit(6, 4, seed=10)
+    scale = torch.tensor([4.0])
+    cats = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    plain = divergence_loss(img, txt, img_d, txt_d, scale)
+    # No shared category: the mask changes nothing.
+    alone = torch.eye(6, dtype=torch.bool)
+    assert torch.allclose(divergence_loss(img, txt, img_d, txt_d, scale, cats=alone, mode="drop"), plain)
+    assert torch.allclose(divergence_loss(img, txt, img_d, txt_d, scale, cats=cats, mode="off"), plain)
+    # Same-category pairs (0,1) and (2,4) are not negatives in either cross term: brute force.
+    same = category_mask(cats, cats)
+    def masked(a, b):
+        logits = scale * a @ b.T
+        return torch.stack([torch.tensor(_ce(logits[i].masked_fill(same[i], -1e9).tolist(), i))
+                            for i in range(6)]).mean()
+    expect = 0.5 * (masked(img, txt_d) + masked(txt_d, img)) + 0.5 * (masked(img_d, txt) + masked(txt, img_d))
+    got = divergence_loss(img, txt, img_d, txt_d, scale, cats=cats, mode="drop")
+    assert torch.allclose(got, expect.float(), atol=1e-5) and got < plain
+    # The image-image term: InfoNCE between the two views of the images, at its own temperature,
+    # without any category mask (instance discrimination).
+    with_ii = divergence_loss(img, txt, img_d, txt_d, scale, cats=cats, mode="drop", image_image_scale=10.0)
+    assert torch.allclose(with_ii - got, info_nce(img, img_d, torch.tensor([10.0])), atol=1e-6)
+    with_ii.backward()
+    assert img.grad is not None and txt.grad is not None
+
+
 # ----------------------------------------------------------------------------- local alignment
 def _local_batch(seed=0, b=3, t=7, p=5, d=6):
     g = torch.Generator().manual_seed(seed)
@@ -226,6 +253,49 @@ def test_hard_negatives_never_positive_nor_same_category_when_others_exist():
         assert idx[0] not in (3, 4) and idx[1] != 4
 
 
+def test_itm_hard_negatives_follow_the_false_negative_match_mode():
+    # Row 0 has {A, B}; column 1 has {A} (overlaps, not exact), column 2 has {C}. 'overlap' never draws
+    # column 1 (a likely false negative under that rule); 'exact' does (it is a negative there).
+    cats = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    logits = torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    draws = {m: {int(sample_hard_negatives(logits, cats, generator=torch.Generator().manual_seed(s), match=m)[0])
+                 for s in range(40)} for m in ("exact", "overlap")}
+    assert draws["overlap"] == {2} and 1 in draws["exact"]
+    g = torch.Generator().manual_seed(0)
+    v, t, k = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 2)
+    for m in ("exact", "overlap"):
+        _, t3, _, _ = itm_batch(v, t, k, logits, cats, generator=torch.Generator().manual_seed(1), match=m)
+        if m == "overlap":
+            assert torch.equal(t3[3], t[2])  # image 0's negative report: never the overlapping one
+
+
+def test_itm_and_swap_learn_a_separable_batch_well_below_chance():
+    """With the fusion's init (unit-variance output), the proxy heads learn within a few dozen steps:
+    pairs of the same class match, pairs across classes do not. Chance: ITM 0.637 (1:2 prior),
+    swap ln 2."""
+    torch.manual_seed(0)
+    b, d = 32, 16
+    classes = torch.arange(b) % 4
+    centers = _unit(4, d, seed=3)
+    noisy = lambda seed: F.normalize(centers[classes] + 0.3 * _unit(b, d, seed=seed), dim=-1)
+    img, txt, know = noisy(1), noisy(2), torch.randn(4, 8)[classes]
+    cats = F.one_hot(classes, 4).bool()
+    sims = 10 * img @ txt.T
+    v3, t3, k3, labels = itm_batch(img, txt, know, sims, cats, generator=torch.Generator().manual_seed(0))
+    fusion, head = TuckerFusion(d, d, 8, ranks=(8, 8, 4), out_dim=32), ITMHead(32)
+    first, last = _fits(lambda: itm_loss(head(fusion(v3, t3, k3)), labels),
+                        list(fusion.parameters()) + list(head.parameters()), steps=40, lr=3e-3)
+    assert first > 0.45 and last < 0.2, (first, last)
+    partner = (torch.arange(b) + 1) % b  # a swapped report reads like another class's
+    swapped = torch.arange(b) % 2
+    t_sw = torch.where(swapped.bool().unsqueeze(1), txt[partner], txt)
+    k_sw = torch.where(swapped.bool().unsqueeze(1), know[partner], know)
+    fusion, head = TuckerFusion(d, d, 8, ranks=(8, 8, 4), out_dim=32), SwapHead(32)
+    first, last = _fits(lambda: swap_loss(head(fusion(img, t_sw, k_sw)), swapped),
+                        list(fusion.parameters()) + list(head.parameters()), steps=40, lr=3e-3)
+    assert first > 0.5 and last < 0.2, (first, last)
+
+
 def test_itm_batch_pairs_and_labels():
     g = torch.Generator().manual_seed(1)
     v, t, k = torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 2, generator=g)
@@ -253,11 +323,18 @@ def _negated_sentences(text):
 def test_text_swapping_keeps_negations_and_labels_are_right(mode):
     texts, ents = _reports()
     res = swap_texts(texts, ents, p=1.0, mode=mode, rng=random.Random(0))
-    # Synthetic reports mention most findings; a report mentioning every concept of the batch has no
-    # foreign mention to take, so 'mentions' alone may leave a few unswapped ('auto' falls back).
-    assert res.labels.sum() >= (len(texts) // 2 if mode == "mentions" else len(texts) - 1)
+    # Only affirmed statements are swapped: a report with an affirmed finding can be swapped, one
+    # without (a normal report) never is (its swap would still be true of the image).
+    affirmed = [any(not e.get("negated") and not e.get("uncertain") for e in ents[i]) for i in range(len(texts))]
+    assert 0 < sum(affirmed) < len(texts)  # both kinds are in the batch
+    assert res.labels.sum() >= sum(affirmed) // 2
     for i, (old, new) in enumerate(zip(texts, res.texts)):
         assert res.labels[i].item() == int(new != old)
+        if res.kinds[i] == "mentions":
+            gone = {e["cui"] for e in ents[i]} - {e["cui"] for e in res.entities[i]}
+            assert gone and all(not e.get("negated") for e in ents[i] if e["cui"] in gone)
+        if res.kinds[i] == "sentence":
+            assert _negated_sentences(new) == _negated_sentences(old)
         if res.labels[i]:
             assert res.partners[i] not in (-1, i) and res.kinds[i] in ("mentions", "sentence")
         if res.kinds[i] == "mentions":
@@ -276,6 +353,21 @@ def test_text_swapping_keeps_negations_and_labels_are_right(mode):
             assert new[e["start"]:e["end"]].lower() in old_surface | partner_surface
     untouched = swap_texts(texts, ents, p=0.0, rng=random.Random(0))
     assert untouched.texts == texts and untouched.labels.sum() == 0
+
+
+def test_text_swapping_leaves_reports_without_affirmed_findings():
+    normal = "FINDINGS: No pleural effusion. No pneumothorax. The lungs are clear."
+    sick = "FINDINGS: Right lower lobe pneumonia. Small effusion."
+    span = lambda text, word: {"start": text.index(word), "end": text.index(word) + len(word)}
+    en = [{"cui": "E", **span(normal, "pleural effusion"), "negated": True},
+          {"cui": "P", **span(normal, "pneumothorax"), "negated": True}]
+    es = [{"cui": "N", **span(sick, "pneumonia"), "negated": False},
+          {"cui": "E", **span(sick, "effusion"), "negated": False}]
+    for mode in ("mentions", "sentence", "auto"):
+        res = swap_texts([normal, sick], [en, es], p=1.0, mode=mode, rng=random.Random(0))
+        assert res.texts[0] == normal and res.labels[0] == 0  # "no effusion" -> "no pneumonia" is no swap
+        if mode != "sentence":  # the sick report's affirmed finding can take the normal one's concept
+            assert res.labels[1] == 1 and "pneumothorax" in res.texts[1]
 
 
 def test_text_swapping_probability_and_hand_example():
@@ -320,6 +412,50 @@ def test_total_loss_weights_switches_and_names():
     late = ObjectiveConfig(use_itm=False, use_swap=False, aux_start_steps=20, aux_warmup_steps=10)
     assert abs(total_loss(terms, late, step=19)[0].item() - 1.0) < 1e-6
     assert abs(total_loss(terms, late, step=25)[0].item() - (1 + 0.5 * (3 + 4 + 5))) < 1e-6
+
+
+def test_zero_weighted_terms_cost_nothing_and_cannot_poison_the_total():
+    from mlip_ds.losses.objective import active_terms, term_weight
+    cfg = ObjectiveConfig(aux_start_steps=10, aux_warmup_steps=5, lambda_swap=0.0)
+    assert active_terms(cfg, step=3) == {"global"}
+    assert active_terms(cfg, step=10) == {"global"}  # the ramp starts at weight 0
+    assert active_terms(cfg, step=11) == {"global", "divergence", "local", "category", "itm"}  # swap: λ = 0
+    assert term_weight(cfg, "local", 12) == pytest.approx(0.4)
+    terms = {t: torch.tensor(float("inf")) for t in ("divergence", "local", "category", "itm", "swap")}
+    terms["global"] = torch.tensor(2.0)
+    total, named = total_loss(terms, cfg, step=3)
+    assert total.item() == 2.0 and set(named) == {"loss/global", "loss/total"}
+    # A delayed term may be absent (it was not computed); an active one may not.
+    assert total_loss({"global": torch.tensor(2.0)}, cfg, step=3)[0].item() == 2.0
+    with pytest.raises(KeyError, match="divergence"):
+        total_loss({"global": torch.tensor(2.0)}, cfg, step=12)
+
+
+def test_prototype_scores_and_sinkhorn_stay_fp32_under_bf16():
+    protos = Prototypes(16, num_prototypes=8)
+    feats = _unit(12, 16, seed=4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = protos(feats)
+    exact = F.normalize(feats.float(), dim=-1) @ F.normalize(protos.weight.float(), dim=-1).T
+    assert scores.dtype == torch.float32 and torch.allclose(scores, exact, atol=1e-6)
+    # What bf16 scores would do to the codes at eps 0.05: a visible change that fp32 avoids.
+    codes = sinkhorn(scores)
+    noisy = sinkhorn(exact.bfloat16())
+    assert torch.allclose(codes, sinkhorn(exact), atol=1e-6)
+    assert (codes - noisy).abs().max() > 1e-3
+
+
+def test_tucker_fusion_output_has_unit_scale_at_init():
+    """The fused vector starts with a variance near 1 (the old init gave ~1e-7, under the heads'
+    LayerNorm eps of 1e-5), for the tiny and the ViT-B head sizes, with unit-norm inputs."""
+    for dims, ranks, out in (((64, 64, 64), (16, 16, 8), 64), ((128, 128, 128), (32, 32, 16), 256)):
+        torch.manual_seed(0)
+        fusion = TuckerFusion(*dims, ranks=ranks, out_dim=out)
+        z = fusion(*(_unit(256, d, seed=i) for i, d in enumerate(dims)))
+        assert 0.5 < z.var().item() < 2.0, (dims, z.var().item())
+        z.pow(2).mean().backward()
+        for w in (fusion.wv, fusion.wt, fusion.wk):  # every factor gets a gradient of a usable size
+            assert w.weight.grad.abs().mean() > 1e-3
 
 
 # ----------------------------------------------------------------------------- over-fitting one batch
@@ -391,12 +527,15 @@ def _dist_losses(xi, xt, wi, wt, ema_i, ema_t, protos, cats, queue):
     across ranks, tensor): "mean" (losses, gradients: what DeepSpeed averages), "rows" (per-sample
     Sinkhorn codes: concatenated), "same" (the co-occurrence table: identical on every rank)."""
     out = []
-    for term in ("divergence", "drop", "soft", "category", "category_queue"):
+    for term in ("divergence", "divergence_fn", "drop", "soft", "category", "category_queue"):
         p = [t.clone().requires_grad_() for t in (wi, wt, protos)]
         scale = torch.tensor([3.0], requires_grad=True)
         img, txt = F.normalize(xi @ p[0], dim=-1), F.normalize(xt @ p[1], dim=-1)
         if term == "divergence":
             loss = divergence_loss(img, txt, F.normalize(xi @ ema_i, dim=-1), F.normalize(xt @ ema_t, dim=-1), scale)
+        elif term == "divergence_fn":  # the false-negative mask and the image-image term
+            loss = divergence_loss(img, txt, F.normalize(xi @ ema_i, dim=-1), F.normalize(xt @ ema_t, dim=-1),
+                                   scale, cats=cats, mode="drop", image_image_scale=10.0)
         elif term in ("drop", "soft"):
             loss = masked_info_nce(img, txt, scale, cats, mode=term)
         else:

@@ -350,3 +350,48 @@ def test_swapped_reports_in_the_reports_forward_change_nothing(setup):
         apart = model(**{**inputs, "swap_tokens": padded}, return_attention=True)
     for key in ("text_features", "text_tokens", "token_weights", "swap_logits", "itm_logits", "token_patch_attn"):
         assert torch.allclose(merged[key], apart[key], atol=1e-5), key
+
+
+def test_relation_aware_knowledge_mixes_kb_neighbours(setup):
+    """--knowledge-relations: the batch's concepts are encoded with their KB neighbours, and each
+    concept's embedding is normalize((e_c + mean of its neighbours) / 2); without neighbours it is e_c."""
+    from mlip_ds.model.mlip import relation_aware
+    cfg, tok, vocab, batch = setup
+    assert sum(bool(n) for n in vocab.neighbours) > 10  # the packaged KB has relations
+    for i, nbs in enumerate(vocab.neighbours):  # undirected
+        assert all(i in vocab.neighbours[j] for j in nbs)
+    objective = objective_preset("mlip", **SMALL, knowledge_relations=True)
+    plain = BatchPreparer(objective_preset("mlip", **SMALL), tok, vocab)(dict(batch), seed=3)
+    rel = BatchPreparer(objective, tok, vocab)(dict(batch), seed=3)
+    r = plain["concept_tokens"].shape[0]
+    assert torch.equal(rel["concept_tokens"][:r, :plain["concept_tokens"].shape[1]], plain["concept_tokens"])
+    adj = rel["concept_adj"]
+    assert adj.shape[0] == rel["concept_tokens"].shape[0] > r  # neighbours appended
+    has = adj.sum(1) > 0
+    assert has.any() and torch.allclose(adj.sum(1)[has], torch.ones(int(has.sum())))
+    e = torch.nn.functional.normalize(torch.randn(adj.shape[0], 8), dim=-1)
+    out = relation_aware(e, adj)
+    for c in range(adj.shape[0]):
+        nbs = adj[c].nonzero().flatten()
+        want = e[c] if len(nbs) == 0 else torch.nn.functional.normalize(0.5 * (e[c] + e[nbs].mean(0)), dim=0)
+        assert torch.allclose(out[c], want, atol=1e-6)
+    model = _model(setup, objective).train()
+    outputs = model(**BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3))
+    loss, _ = total_loss(compute_terms(outputs, rel, objective, getattr(model, "prior", None)), objective)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_inactive_terms_are_not_computed(setup):
+    """``active`` leaves the delayed terms out of the forward: their parts get no gradient."""
+    objective = objective_preset("mlip", **SMALL)
+    model = _model(setup, objective).train()
+    cfg, tok, vocab, batch = setup
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=1)
+    out = model(**inputs, active=frozenset({"global"}))
+    assert not {"image_features_ema", "knowledge", "tkp", "proto_image", "itm_logits", "swap_logits"} & set(out)
+    terms = compute_terms(out, inputs, objective, active=frozenset({"global"}))
+    assert set(terms) == {"global"}
+    terms["global"].backward()
+    for name in ("fusion", "itm_head", "swap_head", "tkp", "prototypes", "knowledge"):
+        assert all(p.grad is None for p in getattr(model, name).parameters()), name

@@ -64,6 +64,32 @@ def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, m
     raise ValueError(f"masked_info_nce: mode must be 'drop' or 'soft', got {mode!r}")
 
 
+def gather_categories(cats: torch.Tensor) -> torch.Tensor:
+    """The (B * world, C) categories of the global batch, in rank order (no gradient)."""
+    rank, world_size = dist_info()
+    if world_size == 1:
+        return cats
+    c = cats.to(torch.uint8 if cats.dtype == torch.bool else cats.dtype).contiguous()
+    parts = [torch.empty_like(c) for _ in range(world_size)]
+    dist.all_gather(parts, c)
+    return torch.cat(parts).to(cats.dtype)
+
+
+def pair_info_nce(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor,
+                  logit_scale: torch.Tensor, offset: int, mask: torch.Tensor | None = None,
+                  mode: str = "drop", soft_weight: float = 0.5) -> torch.Tensor:
+    """Symmetric InfoNCE of the local rows ``a``/``b`` against the pools ``all_b``/``all_a``; row i's
+    positive is column ``offset + i``. ``mask`` (B, N): pairs that are not negatives (``mode``
+    'drop' or 'soft', see ``masked_info_nce``); None: plain InfoNCE."""
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    logits_ab = logit_scale * a @ all_b.T
+    logits_ba = logit_scale * b @ all_a.T
+    if mask is None:
+        return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    return 0.5 * (_masked_ce(logits_ab, labels, mask, mode, soft_weight)
+                  + _masked_ce(logits_ba, labels, mask, mode, soft_weight))
+
+
 def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                     cats: torch.Tensor, mode: str = "drop", soft_weight: float = 0.5,
                     match: str = "exact") -> torch.Tensor:
@@ -76,20 +102,13 @@ def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, l
     rank, world_size = dist_info()
     offset = rank * image_features.shape[0]
     if world_size == 1:
-        all_image, all_text, all_cats = image_features, text_features, cats
+        all_image, all_text = image_features, text_features
     else:
         all_image, all_text = gather_features(image_features, text_features, local_loss=True,
                                               gather_with_grad=True, rank=rank, world_size=world_size)
-        c = cats.to(torch.uint8 if cats.dtype == torch.bool else cats.dtype).contiguous()
-        parts = [torch.empty_like(c) for _ in range(world_size)]
-        dist.all_gather(parts, c)
-        all_cats = torch.cat(parts).to(cats.dtype)
-    mask = category_mask(cats, all_cats, offset=offset, match=match)
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
-    logits_per_image = logit_scale * image_features @ all_text.T
-    logits_per_text = logit_scale * text_features @ all_image.T
-    return 0.5 * (_masked_ce(logits_per_image, labels, mask, mode, soft_weight)
-                  + _masked_ce(logits_per_text, labels, mask, mode, soft_weight))
+    mask = category_mask(cats, gather_categories(cats), offset=offset, match=match)
+    return pair_info_nce(image_features, text_features, all_image, all_text, logit_scale, offset, mask, mode,
+                         soft_weight)
 
 
 def swapped_prediction(image_scores: torch.Tensor, text_scores: torch.Tensor, image_codes: torch.Tensor,

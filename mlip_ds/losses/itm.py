@@ -38,15 +38,17 @@ def sample_hard_negatives(logits: torch.Tensor, cats: torch.Tensor | None = None
 
 
 def itm_batch(image: torch.Tensor, text: torch.Tensor, knowledge: torch.Tensor, logits_per_image: torch.Tensor,
-              cats: torch.Tensor | None = None, generator: torch.Generator | None = None):
+              cats: torch.Tensor | None = None, generator: torch.Generator | None = None, match: str = "exact"):
     """Build the 3B ITM pairs of the local batch: (v_i, t_i, k_i) positives, (v_i, t_j, k_j) with a hard
     negative report j per image, (v_j, t_i, k_i) with a hard negative image j per report.
 
     ``knowledge`` (B, Dk) travels with its report. ``logits_per_image`` (B, B) local image->text
-    similarities. Returns (v, t, k, labels) with labels 1 for the first B rows, 0 for the rest.
+    similarities. ``match`` is the false-negative rule of the run (``--false-negative-match``): the
+    same pairs that the global term does not treat as negatives are not drawn here either.
+    Returns (v, t, k, labels) with labels 1 for the first B rows, 0 for the rest.
     """
-    neg_text = sample_hard_negatives(logits_per_image, cats, generator=generator)
-    neg_image = sample_hard_negatives(logits_per_image.T, cats, generator=generator)
+    neg_text = sample_hard_negatives(logits_per_image, cats, generator=generator, match=match)
+    neg_image = sample_hard_negatives(logits_per_image.T, cats, generator=generator, match=match)
     v = torch.cat([image, image, image[neg_image]])
     t = torch.cat([text, text[neg_text], text])
     k = torch.cat([knowledge, knowledge[neg_text], knowledge])

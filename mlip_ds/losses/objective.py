@@ -35,6 +35,12 @@ class ObjectiveConfig:
     # divergence encoders
     ema_m0: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA momentum at step 0 (cosine rise)"})
     ema_m1: float = field(default=0.999, metadata={"min": 0, "max": 1, "help": "EMA momentum at the last step"})
+    divergence_image: bool = field(default=True, metadata={
+        "help": "the divergence term also contrasts each image with its divergence view (InfoNCE(image, "
+                "image_div)): keeps image detail that no report names (our choice, docs/method.md)"})
+    image_temperature: float = field(default=0.1, metadata={
+        "help": "temperature of the image-image divergence term (SimCLR/MoCo range; the image-report terms "
+                "use the learned one)"})
     # local
     local_temperature: float = field(default=0.1, metadata={"gt": 0, "help": "token-level InfoNCE temperature"})
     local_heads: int = field(default=4, metadata={"min": 1, "help": "heads of the TKP cross-attentions"})
@@ -42,12 +48,20 @@ class ObjectiveConfig:
         "help": "width of the local (token/patch) space; 0: auto, 128 (the method's) or the image tower's "
                 "width if narrower"})
     local_knowledge: bool = field(default=True, metadata={"help": "tokens attend to knowledge before patches"})
+    knowledge_relations: bool = field(default=False, metadata={
+        "help": "relation-aware knowledge: each concept's embedding is averaged with the mean of its KB "
+                "neighbours' (docs/method.md)"})
     # category
-    num_prototypes: int = field(default=500, metadata={"min": 0, "help": "K prototypes"})
+    num_prototypes: int = field(default=0, metadata={"min": 0,
+        "help": "K prototypes (0: auto from the global batch, see recipe.py; MGCA's 500 is for batch 144 x 50 "
+                "epochs)"})
     proto_temperature: float = field(default=0.2, metadata={"gt": 0, "help": "swapped-prediction temperature"})
     sinkhorn_eps: float = field(default=0.05, metadata={"gt": 0, "help": "Sinkhorn entropy ε"})
     sinkhorn_iters: int = field(default=3, metadata={"min": 1, "help": "Sinkhorn iterations"})
-    freeze_prototypes_epochs: int = field(default=1, metadata={"help": "epochs with frozen prototypes"})
+    freeze_prototypes: float = field(default=0.05, metadata={
+        "help": "fraction of the run's optimizer steps with frozen prototypes (MGCA: its first epoch of 50)"})
+    freeze_prototypes_steps: int = field(default=-1, metadata={
+        "help": "optimizer steps with frozen prototypes; -1: from --freeze-prototypes"})
     proto_queue: int = field(default=0, metadata={"min": 0,
         "help": "embeddings of past batches kept per rank and added to the Sinkhorn batch (SwAV's queue, "
                 "for global batches smaller than K); 0: off"})
@@ -62,10 +76,15 @@ class ObjectiveConfig:
     tucker_out: int = field(default=0, metadata={"min": 0, "help": "Tucker fusion output width (0: auto)"})
     swap_prob: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "probability of swapping a report"})
     swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
-    aux_start_steps: int = field(default=0, metadata={
-        "help": "every term but the global one is off (weight 0) for the first N optimizer steps"})
-    aux_warmup_steps: int = field(default=0, metadata={
-        "help": "then ramp their weights linearly from 0 over N optimizer steps (0: full weight at once)"})
+    aux_start: float = field(default=0.2, metadata={
+        "help": "fraction of the run's optimizer steps during which every term but the global one is off "
+                "(not computed)"})
+    aux_warmup: float = field(default=0.1, metadata={
+        "help": "then the fraction of the run over which their weights ramp linearly from 0 to their λ"})
+    aux_start_steps: int = field(default=-1, metadata={
+        "help": "the same in optimizer steps (overrides --aux-start); -1: from --aux-start"})
+    aux_warmup_steps: int = field(default=-1, metadata={
+        "help": "the same in optimizer steps (overrides --aux-warmup); -1: from --aux-warmup"})
 
     def enabled(self, name: str) -> bool:
         return getattr(self, f"use_{name}")
@@ -84,35 +103,50 @@ def aux_scale(cfg: ObjectiveConfig, step: int | None) -> float:
     can pull the towers there before the global term gets going."""
     if step is None:
         return 1.0
-    if step < cfg.aux_start_steps:
+    start, warmup = max(0, cfg.aux_start_steps), max(0, cfg.aux_warmup_steps)
+    if step < start:
         return 0.0
-    if cfg.aux_warmup_steps <= 0:
+    if warmup <= 0:
         return 1.0
-    return min(1.0, (step - cfg.aux_start_steps) / cfg.aux_warmup_steps)
+    return min(1.0, (step - start) / warmup)
+
+
+def term_weight(cfg: ObjectiveConfig, name: str, step: int | None = None) -> float:
+    """The weight of term ``name`` at optimizer step ``step``: 0 when it is switched off or delayed."""
+    if not cfg.enabled(name):
+        return 0.0
+    return cfg.weight(name) * (1.0 if name == "global" else aux_scale(cfg, step))
+
+
+def active_terms(cfg: ObjectiveConfig, step: int | None = None) -> frozenset[str]:
+    """The terms with a non-zero weight at ``step``: the only ones worth computing."""
+    return frozenset(t for t in TERMS if term_weight(cfg, t, step) > 0)
 
 
 def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig,
                step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the enabled terms and a dict of detached values for logging.
 
-    ``terms`` maps names of ``TERMS`` to scalar losses; an enabled term missing from it is an error
-    (a silent zero would hide an integration bug), a disabled term present in it is ignored. Logged
-    names: ``loss/<term>`` (unweighted) and ``loss/total``.
+    ``terms`` maps names of ``TERMS`` to scalar losses; a term with a non-zero weight at ``step``
+    missing from it is an error (a silent zero would hide an integration bug); a term whose weight is
+    0 (off, λ = 0, or still delayed) is left out of the sum even when present, so it costs nothing
+    and a non-finite value in it cannot reach the total. Logged names: ``loss/<term>`` (unweighted)
+    and ``loss/total``.
     """
     unknown = set(terms) - set(TERMS)
     if unknown:
         raise KeyError(f"unknown loss terms {sorted(unknown)}; expected some of {TERMS}")
     total, named = None, {}
     for name in TERMS:
-        if not cfg.enabled(name):
+        w = term_weight(cfg, name, step)
+        if w == 0:
             continue
         if name not in terms:
             raise KeyError(f"loss term '{name}' is enabled (use_{name}) but was not computed")
         value = terms[name]
         named[f"loss/{name}"] = value.detach()
-        weighted = cfg.weight(name) * (1.0 if name == "global" else aux_scale(cfg, step)) * value
-        total = weighted if total is None else total + weighted
+        total = w * value if total is None else total + w * value
     if total is None:
-        raise ValueError("every loss term is switched off")
+        raise ValueError("every loss term is switched off (or has weight 0)")
     named["loss/total"] = total.detach()
     return total, named

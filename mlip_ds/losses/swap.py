@@ -3,13 +3,16 @@
 With probability ``p`` (0.5) a report is altered with material from another report of the batch and
 the swap head predicts whether it was. Two ways, both leaving the report's negation words in place so
 the task cannot be solved by grammar alone (the image must be consulted):
-* ``mentions``: one finding concept of the report (an affirmed one when there is one; all its mention
-  spans, so FINDINGS and IMPRESSION stay consistent) is replaced by the surface form of a concept of
-  the partner report that the report does not mention; the words around the span, negations
-  included, are untouched.
-* ``sentence``: one sentence is replaced by a different partner sentence of the same polarity (both
-  negated or both affirmative), so the number of negated statements is unchanged.
+* ``mentions``: one affirmed finding concept of the report (all its mention spans, so FINDINGS and
+  IMPRESSION stay consistent) is replaced by the surface form of a concept of the partner report
+  that the report does not mention; the words around the span, negations included, are untouched.
+* ``sentence``: one affirmative sentence is replaced by a different affirmative partner sentence, so
+  the number of negated statements is unchanged.
 ``auto`` tries mentions first, then a sentence. Labels are 1 exactly when the text was changed.
+
+Only affirmed statements are swapped. A negated or uncertain one swapped for another ("no effusion"
+-> "no pneumothorax") is usually still true of the image, so labelling it "swapped" would teach the
+head noise; a report with no affirmed statement (a normal report) is left as it is, label 0.
 """
 from __future__ import annotations
 
@@ -85,10 +88,11 @@ def _replace(text: str, ents: list[dict], edits: list[tuple[int, int, str, list[
 def _swap_mentions(text, ents, ptext, pents, rng, key):
     own = {e[key] for e in ents}
     foreign = [e for e in pents if e[key] not in own]
-    if not ents or not foreign:
-        return None
+    # Only an affirmed finding: replacing it makes a claim about the image that is likely false.
     affirmed = sorted({e[key] for e in ents if not e.get("negated") and not e.get("uncertain")})
-    target = rng.choice(affirmed or sorted(own))  # affirmed findings first: the swap then makes a false claim
+    if not affirmed or not foreign:
+        return None
+    target = rng.choice(affirmed)
     donor = rng.choice(foreign)
     surface = ptext[donor["start"]:donor["end"]]
     edits = []
@@ -104,9 +108,10 @@ def _swap_mentions(text, ents, ptext, pents, rng, key):
 def _swap_sentence(text, ents, ptext, pents, rng):
     own = sentence_spans(text)
     theirs = sentence_spans(ptext)
-    pairs = [(a, b) for a in own for b in theirs
-             if text[a[0]:a[1]].lower() != ptext[b[0]:b[1]].lower()
-             and bool(negation_words(text[a[0]:a[1]])) == bool(negation_words(ptext[b[0]:b[1]]))]
+    # Affirmative sentences only (see the module doc): a negated one swapped for another stays true.
+    own = [a for a in own if not negation_words(text[a[0]:a[1]])]
+    theirs = [b for b in theirs if not negation_words(ptext[b[0]:b[1]])]
+    pairs = [(a, b) for a in own for b in theirs if text[a[0]:a[1]].lower() != ptext[b[0]:b[1]].lower()]
     if not pairs:
         return None
     (s, t), (ps, pt) = rng.choice(pairs)

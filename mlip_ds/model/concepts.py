@@ -39,6 +39,7 @@ class ConceptVocab:
     texts: list[str]               # "name: definition" (the name alone without a definition)
     labels: list[str | None]       # the category label of each concept, or None
     source: str = ""
+    neighbours: list[tuple[int, ...]] = field(default_factory=list)  # KB graph (both directions); [] = none
     index: dict[str, int] = field(init=False)
     categories: list[str] = field(init=False)
     category_index: dict[str, int] = field(init=False)
@@ -105,6 +106,27 @@ class ConceptVocab:
                 out[b, self.category_index[NO_FINDING]] = True
         return out
 
+    def neighbour_table(self, concepts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relation-aware variant's inputs for the batch's distinct ``concepts`` (R,): the
+        concepts to encode (R + the neighbours not already there, appended so that rows 0..R-1 keep
+        their meaning) and (R', R') row-normalised adjacency, a row of zeros for a concept without
+        neighbours in the KB."""
+        first = [int(c) for c in concepts]
+        order = {c: i for i, c in enumerate(first)}
+        extra: list[int] = []
+        for c in first:
+            for n in self.neighbours[c] if self.neighbours else ():
+                if n not in order:
+                    order[n] = len(first) + len(extra)
+                    extra.append(n)
+        size = len(first) + len(extra)
+        adj = torch.zeros(size, size)
+        for c in first:
+            nbs = self.neighbours[c] if self.neighbours else ()
+            for n in nbs:
+                adj[order[c], order[n]] = 1.0 / len(nbs)
+        return torch.tensor(first + extra, dtype=torch.long), adj
+
     def tokens(self, tokenizer, context_length: int) -> torch.Tensor:
         """(N, context_length) token ids of the concept texts, for the text tower."""
         return tokenizer(self.texts, context_length=context_length)
@@ -133,8 +155,17 @@ def from_kb(path: str | None = None) -> ConceptVocab:
     concepts = list(kb)
     version = getattr(kb, "version", None)
     src = f"kb:{path or 'packaged'}" + (f"@{version}" if version else "")
+    index = {c.id: i for i, c in enumerate(concepts)}
+    neighbours: list[set[int]] = [set() for _ in concepts]
+    for i, c in enumerate(concepts):  # the KB's relations, as an undirected graph over the vocabulary
+        for r in c.relations:
+            j = index.get(r.target)
+            if j is not None and j != i:
+                neighbours[i].add(j)
+                neighbours[j].add(i)
     return ConceptVocab([c.id for c in concepts], [kb.text_for(c) for c in concepts],
-                        [c.label for c in concepts], source=src)
+                        [c.label for c in concepts], source=src,
+                        neighbours=[tuple(sorted(n)) for n in neighbours])
 
 
 def from_shards(urls: list[str]) -> ConceptVocab:

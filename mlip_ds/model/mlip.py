@@ -47,6 +47,7 @@ from mlip_ds.model.tkp_attention import TKPAttention
 from mlip_ds.model.tucker import TuckerFusion
 
 MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
+DEFAULT_PROTOTYPES = 128  # K when nothing sets it (recipe.py derives it from the global batch)
 
 
 def needs(objective: ObjectiveConfig) -> dict[str, bool]:
@@ -67,16 +68,18 @@ def mlip_parts_on(objective: ObjectiveConfig) -> bool:
 def head_sizes(objective: ObjectiveConfig, embed_dim: int, vision_width: int | None = None) -> ObjectiveConfig:
     """``objective`` with its auto (0) head sizes filled in from the towers' widths.
 
-    For towers at least as wide as the method's heads (ViT-B: E = 512, width 768) these are the
-    method's defaults: local width 128, Tucker ranks 32/32/16 and output 256. Narrower towers (the
-    tiny CPU model: E = 64) get heads scaled to them (local width = the image tower's width, ranks
-    E/4, E/4, E/8, output E): a 4.2 M-parameter Tucker core on a 0.3 M-parameter model would make
+    For towers at least as wide as the method's heads (ViT-B/16 here: E = 128, width 768) these are
+    the method's defaults: local width 128, Tucker ranks 32/32/16 and output 256. Narrower towers
+    (the tiny CPU model: E = 64) get heads scaled to them (local width = the image tower's width,
+    ranks E/4, E/4, E/8, output E): a 4.2 M-parameter Tucker core on a 0.3 M-parameter model would make
     the fusion, not the towers, the step's cost. Explicit (non-zero) values are kept.
     """
     o = objective
     rank = min(32, max(4, embed_dim // 4))
     auto = {"local_dim": min(128, vision_width or 128), "tucker_rank_v": rank, "tucker_rank_t": rank,
-            "tucker_rank_k": max(2, rank // 2), "tucker_out": min(256, max(16, embed_dim))}
+            "tucker_rank_k": max(2, rank // 2), "tucker_out": 256 if embed_dim >= 128 else max(16, embed_dim),
+            # The trainer sets K from the global batch (recipe.py); a model built without it gets this.
+            "num_prototypes": DEFAULT_PROTOTYPES}
     return replace(o, **{k: v for k, v in auto.items() if getattr(o, k) <= 0})
 
 
@@ -233,14 +236,19 @@ class MLIPModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor, text: torch.Tensor, image2: torch.Tensor | None = None,
                 text2: torch.Tensor | None = None, concept_tokens: torch.Tensor | None = None,
+                concept_adj: torch.Tensor | None = None,
                 mention_ids: torch.Tensor | None = None, mention_neg: torch.Tensor | None = None,
                 mention_mask: torch.Tensor | None = None, mention_rows: torch.Tensor | None = None,
                 cats: torch.Tensor | None = None, itm_seed: int = 0,
                 swap_tokens: torch.Tensor | None = None, swap_rows: torch.Tensor | None = None,
                 swap_labels: torch.Tensor | None = None, swap_mention_ids: torch.Tensor | None = None,
                 swap_mention_neg: torch.Tensor | None = None, swap_mention_mask: torch.Tensor | None = None,
-                swap_mention_rows: torch.Tensor | None = None, return_attention: bool | None = None) -> dict:
+                swap_mention_rows: torch.Tensor | None = None, return_attention: bool | None = None,
+                active: frozenset[str] | None = None) -> dict:
         """Outputs (a dict) for the enabled terms; the inputs are ``BatchPreparer``'s keys.
+
+        ``active``: the terms to compute outputs for (``losses.objective.active_terms``: the ones whose
+        weight at this step is not 0); None: every enabled term. A delayed term costs nothing.
 
         Always: ``image_features``, ``text_features`` (L2-normalised, (B, E)), ``logit_scale``.
         divergence: ``image_features_ema``, ``text_features_ema`` (no gradient).
@@ -252,13 +260,15 @@ class MLIPModel(nn.Module):
         knowledge: ``knowledge`` (KnowledgeOutput). category: ``proto_image``/``proto_text`` (B, K).
         itm: ``itm_logits`` (3B, 2), ``itm_labels``. swap: ``swap_logits`` (B, 2), ``swap_labels``.
         """
-        o, want_tokens = self.objective, self.objective.use_local
+        o = self.objective
+        on = {t: o.enabled(t) and (active is None or t in active) for t in TERMS}
+        want_tokens = on["local"]
         self._captured = {}
         pooled_i, patch_tokens = self._encode(self.visual, image, capture=want_tokens)
         # The swapped reports ride in the reports' text forward (same length): one pass of the tower
         # instead of two, a quarter fewer kernel launches per MLIP step and larger matmuls.
         b = text.shape[0]
-        merge_swap = o.use_swap and swap_tokens is not None and swap_tokens.shape[1] == text.shape[1]
+        merge_swap = on["swap"] and swap_tokens is not None and swap_tokens.shape[1] == text.shape[1]
         pooled_t, text_tokens = self._encode(self.text, torch.cat([text, swap_tokens]) if merge_swap else text,
                                              capture=want_tokens)
         captured, self._captured = self._captured, {}
@@ -270,7 +280,7 @@ class MLIPModel(nn.Module):
         out = {"image_features": F.normalize(pooled_i, dim=-1), "text_features": F.normalize(pooled_t, dim=-1),
                "logit_scale": self.logit_scale.exp()}
         img, txt = out["image_features"], out["text_features"]
-        if o.use_divergence:
+        if on["divergence"]:
             # fp32 EMA weights with bf16 inputs (the trainer keeps the EMA in fp32): autocast.
             cast = next(self.ema_visual.parameters()).dtype != image2.dtype
             autocast = torch.autocast(image2.device.type, dtype=image2.dtype) if cast else contextlib.nullcontext()
@@ -278,11 +288,13 @@ class MLIPModel(nn.Module):
                 out["image_features_ema"] = F.normalize(self.ema_visual(image2), dim=-1).to(img.dtype)
                 out["text_features_ema"] = F.normalize(self.ema_text(text2), dim=-1).to(txt.dtype)
         know = concept_emb = None
-        if self.needs["knowledge"]:
+        if self.needs["knowledge"] and (on["itm"] or on["swap"] or (on["local"] and o.local_knowledge)):
             concept_emb = F.normalize(self._encode(self.text, concept_tokens)[0], dim=-1)
+            if concept_adj is not None:  # relation-aware: mean of the concept and of its KB neighbours' mean
+                concept_emb = relation_aware(concept_emb, concept_adj)
             know = self.knowledge(concept_emb, mention_ids, mention_neg, mention_mask, text_rows=mention_rows)
             out["knowledge"] = know
-        if o.use_local:
+        if on["local"]:
             tmask = token_mask(text[:, 1:], self.special_ids)
             token_w = self._text_cls_attention(captured, text)
             want_attn = (not self.training) if return_attention is None else return_attention
@@ -291,7 +303,7 @@ class MLIPModel(nn.Module):
             out.update(patch_tokens=patch_tokens, text_tokens=text_tokens, token_mask=tmask,
                        token_weights=token_w, patch_weights=self._image_cls_attention(captured), tkp=tkp,
                        token_patch_attn=tkp.attn)
-        if o.use_category:
+        if on["category"]:
             out["proto_image"], out["proto_text"] = self.prototypes(img), self.prototypes(txt)
             if hasattr(self, "proto_queue"):
                 q_img, q_txt = self.proto_queue.rows()
@@ -299,12 +311,13 @@ class MLIPModel(nn.Module):
                     out["proto_image_queue"], out["proto_text_queue"] = self.prototypes(q_img), self.prototypes(q_txt)
                 if self.training:
                     self.proto_queue.push(img, txt)
-        if o.use_itm:
+        if on["itm"]:
             logits = (out["logit_scale"] * img @ txt.T).detach()  # ALBEF: softmax of the scaled similarities
             gen = torch.Generator(device=img.device).manual_seed(int(itm_seed))
-            v3, t3, k3, labels = itm_batch(img, txt, know.pooled, logits, cats, generator=gen)
+            v3, t3, k3, labels = itm_batch(img, txt, know.pooled, logits, cats, generator=gen,
+                                           match=o.false_negative_match)
             out["itm_logits"], out["itm_labels"] = self.itm_head(self.fusion(v3, t3, k3)), labels
-        if o.use_swap:
+        if on["swap"]:
             # Every rank encodes at least one row, so all ranks run the same modules (ZeRO-3 gathers).
             if pooled_swapped is None:
                 pooled_swapped = self._encode(self.text, swap_tokens)[0]
@@ -328,45 +341,49 @@ class MLIPModel(nn.Module):
 
 
 def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: CooccurrencePrior | None = None,
-                  update_prior: bool = True) -> dict[str, torch.Tensor]:
+                  update_prior: bool = True, active: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """The unweighted loss terms of the enabled parts (``losses/*``), gathered across ranks where the
-    term needs it. Collective: every rank calls it once per micro-step."""
+    term needs it; with ``active``, only those terms (the forward's ``active``). Collective: every rank
+    calls it once per micro-step with the same ``active``."""
     o = objective
+    on = {t: o.enabled(t) and (active is None or t in active) for t in TERMS}
     scale = out["logit_scale"].float().clamp(max=MAX_LOGIT_SCALE)
     img, txt = out["image_features"].float(), out["text_features"].float()
     cats = inputs.get("cats")
     terms = {}
-    if o.use_global:
+    if on["global"]:
         if o.false_negatives == "off":
             terms["global"] = global_contrastive_loss(img, txt, scale)
         else:
             terms["global"] = masked_info_nce(img, txt, scale, cats, mode=o.false_negatives,
                                               soft_weight=o.soft_weight, match=o.false_negative_match)
-    if o.use_divergence:
-        terms["divergence"] = divergence_loss(img, txt, out["image_features_ema"].float(),
-                                              out["text_features_ema"].float(), scale)
-    if o.use_local:
+    if on["divergence"]:
+        terms["divergence"] = divergence_loss(
+            img, txt, out["image_features_ema"].float(), out["text_features_ema"].float(), scale, cats=cats,
+            mode=o.false_negatives, soft_weight=o.soft_weight, match=o.false_negative_match,
+            image_image_scale=1.0 / o.image_temperature if o.divergence_image else None)
+    if on["local"]:
         tkp = out["tkp"]
         terms["local"] = local_alignment_loss(tkp.tokens, tkp.contexts, out["token_mask"], out["token_weights"],
                                               tkp.patches, tkp.patch_contexts, out["patch_weights"],
                                               temperature=o.local_temperature)
-    if o.use_category:
+    if on["category"]:
         terms["category"] = category_loss(out["proto_image"].float(), out["proto_text"].float(),
                                           temperature=o.proto_temperature, eps=o.sinkhorn_eps,
                                           iters=o.sinkhorn_iters, cats=cats, prior=prior,
                                           prior_mix=o.prior_mix, update_prior=update_prior,
                                           image_queue_scores=out.get("proto_image_queue"),
                                           text_queue_scores=out.get("proto_text_queue"))
-    if o.use_itm:
+    if on["itm"]:
         terms["itm"] = itm_loss(out["itm_logits"], out["itm_labels"])
-    if o.use_swap:
+    if on["swap"]:
         terms["swap"] = swap_loss(out["swap_logits"], out["swap_labels"])
     return terms
 
 
-MODEL_INPUTS = ("image", "text", "image2", "text2", "concept_tokens", "mention_ids", "mention_neg", "mention_mask",
-                "mention_rows", "cats", "itm_seed", "swap_tokens", "swap_rows", "swap_labels", "swap_mention_ids",
-                "swap_mention_neg", "swap_mention_mask", "swap_mention_rows")
+MODEL_INPUTS = ("image", "text", "image2", "text2", "concept_tokens", "concept_adj", "mention_ids", "mention_neg",
+                "mention_mask", "mention_rows", "cats", "itm_seed", "swap_tokens", "swap_rows", "swap_labels",
+                "swap_mention_ids", "swap_mention_neg", "swap_mention_mask", "swap_mention_rows")
 
 
 class BatchPreparer:
@@ -416,6 +433,8 @@ class BatchPreparer:
             s_ids, s_neg, s_mask = self.vocab.mentions(swap["entities"], self.max_mentions)
             tables.append((s_ids, s_mask))
         concepts, *rows = unique_rows(*tables)
+        if self.objective.knowledge_relations:  # their KB neighbours are encoded too (appended rows)
+            concepts, batch["concept_adj"] = self.vocab.neighbour_table(concepts)
         tok = self.concept_tokens[concepts]
         tok = tok[:, :max(2, int((tok != self.pad_id).sum(dim=1).max()))]
         batch.update(concept_tokens=tok, mention_ids=ids, mention_neg=neg, mention_mask=mask,
@@ -480,6 +499,14 @@ class BatchPreparer:
             tokens = batch["text"][:1]  # one row anyway: every rank runs the text tower the same number of times
         return {"tokens": tokens, "rows": torch.tensor(rows, dtype=torch.long), "labels": labels,
                 "entities": entities}
+
+
+def relation_aware(concept_emb: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+    """Relation-aware concept embeddings (docs/method.md): e'_c = normalize((e_c + mean_{n in N(c)} e_n) / 2)
+    for a concept with KB neighbours, e_c otherwise. ``adj`` (R, R) row-normalised adjacency."""
+    has = adj.sum(dim=1, keepdim=True) > 0
+    mixed = F.normalize(0.5 * (concept_emb + adj.to(concept_emb.dtype) @ concept_emb), dim=-1)
+    return torch.where(has, mixed, concept_emb)
 
 
 def mlip_state(model: MLIPModel) -> dict[str, torch.Tensor]:

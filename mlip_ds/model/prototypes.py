@@ -11,6 +11,8 @@ samples of the same knowledge category are pulled to the same prototypes.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,9 +55,14 @@ class Prototypes(nn.Module):
         self.weight.copy_(F.normalize(self.weight, dim=-1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Cosine scores (B, K) of the (B, dim) features against the prototypes."""
+        """Cosine scores (B, K), float32, of the (B, dim) features against the prototypes.
+
+        Always in fp32, outside autocast: Sinkhorn divides the scores by eps = 0.05, so bf16's
+        rounding (about 0.4% of a score near 1) would become about 4% noise in the codes."""
         w = self.weight.detach() if self.frozen else self.weight
-        return F.normalize(features, dim=-1) @ F.normalize(w, dim=-1).T
+        dev = features.device.type  # (autocast knows no 'meta' device: the meta-device step test)
+        with torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext():
+            return F.normalize(features.float(), dim=-1) @ F.normalize(w.float(), dim=-1).T
 
 
 class FeatureQueue(nn.Module):
