@@ -100,7 +100,12 @@ def encode_labels(raw: dict, label_names: Sequence[str], uncertain: str = "ones"
 
 
 def _load_image(data_or_path) -> Image.Image:
-    """Decode fully (so truncated files fail here, not later) and return an 8-bit grayscale image."""
+    """Decode fully (so truncated files fail here, not later) and return an 8-bit grayscale image.
+    A DICOM path (``.dcm``, or no extension with the DICM preamble) goes through ``sources.dicom``."""
+    if isinstance(data_or_path, str):
+        from mlip_ds.sources.dicom import is_dicom, read_dicom
+        if is_dicom(data_or_path):
+            return read_dicom(data_or_path)[0]
     src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
     with Image.open(src) as im:
         im.load()
