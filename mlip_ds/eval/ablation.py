@@ -784,7 +784,7 @@ def format_task_table(result: dict, task: str, digits: int = 3) -> str:
     has_clip = "clip" in result["variants"]
     header = ["variant"] + [f"AUC {_frac_header(f)}" for f in fracs]
     if has_clip:
-        header += [f"Δ vs CLIP {_frac_header(f)} (± SE)" for f in fracs] + ["|Δ| > 2 SE at"]
+        header += [f"Δ vs CLIP {_frac_header(f)} (± SE)" for f in fracs] + ["Δ beyond 2 SE at"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join(["---:"] * (len(header) - 1)) + "|"]
     for name, v in result["variants"].items():
         ts = (v["summary"].get("tasks") or {}).get(task) or {"auc": {}, "delta_vs_clip": {}}
@@ -811,15 +811,15 @@ def format_task_tables(result: dict, digits: int = 3) -> str:
     st = result.get("settings", {})
     n_seeds = len(st.get("seeds", [])) or "?"
     n_probe = len(st.get("probe_seeds", [])) or "?"
-    parts = ["## Training\n", format_training_table(result)]
+    parts = ["\n## Training\n\n", format_training_table(result)]
     for task, info in (result.get("tasks") or {}).items():
-        parts += [f"\n## Probe task `{task}`\n", f"Train `{info.get('train')}`, test `{info.get('test')}`.\n\n",
+        parts += [f"\n## Probe task `{task}`\n\n", f"Train `{info.get('train')}`, test `{info.get('test')}`.\n\n",
                   format_task_table(result, task, digits)]
     parts.append(
         f"\nAUC: linear-probe ROC AUC (mean over the task's labels), mean ± std over {n_seeds} pretraining seed(s) "
         f"x {n_probe} label-subsample seed(s). Δ vs CLIP: mean of the paired differences (same pretraining "
         "seed, same label subsample) ± their standard error, SE = std of the differences / sqrt(n); "
-        "'|Δ| > 2 SE at' lists the fractions where the mean difference is more than two SE from 0. At 100% of "
+        "'Δ beyond 2 SE at' lists the fractions where the mean difference is more than two SE from 0. At 100% of "
         "the labels every subsample seed fits the same data, so n counts pretraining seeds only there (one "
         "pretraining seed: no SE). The SE covers label subsampling (and pretraining seeds when there are "
         "several), not the test set's own sampling noise. Final losses: unweighted terms, mean over the log "
