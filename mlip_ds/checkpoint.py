@@ -5,11 +5,15 @@ states), plus one ``trainer_rank<r>.json`` per rank (data-stream positions, RNG 
 ``COMPLETE`` marker written only after every rank has finished. ``latest`` is replaced
 atomically (temp file + rename) after the marker; resuming picks ``latest`` if it is complete, else
 the newest complete tag. So a kill during a save leaves the previous checkpoint as the one loaded.
+The marker holds each file's size and sha256 (rank 0 hashes the folder once every rank has written
+its part); a resume verifies them and, for ``latest``, falls back to the newest intact checkpoint,
+naming the ones skipped. Markers without checksums (older saves) load unverified.
 Rank 0 also writes ``run.json`` (model config, objective, parameter shapes, world size, ZeRO stage):
 a resume compares it with the current run before DeepSpeed loads anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -123,11 +127,51 @@ def check_signature(tag_dir: Path, current: dict) -> None:
                           + ". Resume with the flags it was saved with (its run.json), or start a new --out-dir")
 
 
+def file_digests(tag_dir: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file in a tag folder but the marker."""
+    out = {}
+    for path in sorted(tag_dir.rglob("*")):
+        if path.is_file() and path.name != COMPLETE:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against its marker's checksums; None when
+    intact, or when the marker has none (an older save: loaded unverified)."""
+    text = (tag_dir / COMPLETE).read_text()
+    try:
+        files = json.loads(text)["files"] if text.strip() else None
+    except (ValueError, KeyError, TypeError):
+        return f"its {COMPLETE} marker is unreadable"
+    if files is None:
+        log.info("checkpoint %s has no checksums (saved by an older version): loading it unverified", tag_dir)
+        return None
+    for name, want in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} is {size} bytes, {want['size']} were saved"
+    now = file_digests(tag_dir)
+    for name, want in files.items():
+        if now[name]["sha256"] != want["sha256"]:
+            return f"{name} does not match its sha256 checksum"
+    return None
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
          signature: dict | None = None) -> None:
     """Collective: every rank calls it."""
     rank = dist.get_rank()
     tag = tag_for(step)
+    if rank == 0 and (ckpt_dir / tag / COMPLETE).exists():  # saved again (after a resume): not complete until done
+        (ckpt_dir / tag / COMPLETE).unlink()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     atomic_write_text(ckpt_dir / tag / f"trainer_rank{rank}.json", json.dumps({**rank_state, "rng": rng_state()}))
     if rank == 0 and signature is not None:
@@ -135,7 +179,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     _fault("kill_in_save", step)
     dist.barrier()
     if rank == 0:
-        atomic_write_text(ckpt_dir / tag / COMPLETE, "")
+        atomic_write_text(ckpt_dir / tag / COMPLETE, json.dumps({"files": file_digests(ckpt_dir / tag)}, indent=1))
         atomic_write_text(ckpt_dir / "latest", tag)
         if keep_last > 0:
             for old in complete_tags(ckpt_dir)[:-keep_last]:
@@ -163,11 +207,49 @@ def pick_tag(ckpt_dir: Path, which: str) -> str | None:
     return tags[-1] if tags else None
 
 
+def pick_intact_tag(ckpt_dir: Path, which: str) -> str | None:
+    """``pick_tag``, then verified against the marker's checksums: for 'latest', a damaged checkpoint
+    is skipped (with a warning naming it and what is wrong) for the newest intact one; an explicit
+    tag, or no intact one left, raises ``CheckpointError`` with the cause."""
+    tag = pick_tag(ckpt_dir, which)
+    if tag is None:
+        return None
+    if which != "latest":
+        bad = damage(ckpt_dir / tag)
+        if bad:
+            raise CheckpointError(f"checkpoint {ckpt_dir / tag} is damaged: {bad}. Resume another one "
+                                  f"(--resume latest or one of {complete_tags(ckpt_dir)})")
+        return tag
+    candidates = [tag] + [t for t in reversed(complete_tags(ckpt_dir)) if t != tag]
+    skipped = []
+    for t in candidates:
+        bad = damage(ckpt_dir / t)
+        if bad is None:
+            if skipped:
+                log.warning("skipped damaged checkpoint(s) %s; resuming from %s",
+                            "; ".join(f"{s} ({why})" for s, why in skipped), t)
+            return t
+        log.warning("checkpoint %s is damaged: %s", ckpt_dir / t, bad)
+        skipped.append((t, bad))
+    raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(f"{s}: {why}" for s, why in skipped)
+                          + ". Remove the damaged folders and rerun without --resume to start over")
+
+
 def resume(engine, ckpt_dir: Path, which: str, signature: dict | None = None) -> tuple[dict, dict] | None:
     """Load a checkpoint into the engine; return (client_state, this rank's trainer state) or None
     when 'latest' finds nothing yet (a requeued job's first start). With ``signature`` (this run's
-    ``run_signature``) a checkpoint of another model is refused before DeepSpeed loads it."""
-    tag = pick_tag(ckpt_dir, which)
+    ``run_signature``) a checkpoint of another model is refused before DeepSpeed loads it.
+    Rank 0 picks and verifies the checkpoint, every rank loads the one it picked."""
+    choice = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            choice = [pick_intact_tag(ckpt_dir, which), None]
+        except (CheckpointError, FileNotFoundError) as e:
+            choice = [None, str(e)]
+    dist.broadcast_object_list(choice, src=0)
+    tag, error = choice
+    if error:
+        raise CheckpointError(error)
     if tag is None:
         log.info("no checkpoint in %s yet: starting from scratch", ckpt_dir)
         return None

@@ -138,3 +138,58 @@ def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_
     # Without bf16/fp16 DeepSpeed checks nothing: refused before the run starts.
     r = _run(_args(synthetic_shards["train"], tmp_path / "refused", **{"--nan-check": "deepspeed"}))
     assert r.returncode != 0 and "--nan-check deepspeed needs" in r.stderr
+
+
+def test_corrupt_latest_checkpoint_loses_only_itself(synthetic_shards, tmp_path):
+    """Truncate the newest checkpoint's model states: --resume latest skips it (naming it) for the
+    older intact one and finishes; with every checkpoint damaged it stops and says why."""
+    shards, out = synthetic_shards["train"], tmp_path / "run"
+    args = _args(shards, out, **{"--samples-per-epoch": 48, "--save-every": 2, "--log-every": 2})
+    _ok(_run(args))
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step00000006"
+    marker = json.loads((ckpts / "step00000006" / "COMPLETE").read_text())
+    assert "mp_rank_00_model_states.pt" in marker["files"] and "trainer_rank1.json" in marker["files"]
+    states = ckpts / "step00000006" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+
+    resumed = _run(args + ["--resume", "latest"])
+    _ok(resumed)
+    assert "step00000006" in resumed.stderr.split("skipped damaged checkpoint(s)")[1].splitlines()[0]
+    assert "mp_rank_00_model_states.pt is" in resumed.stderr
+    assert "step00000004" in resumed.stderr.split("resumed from")[1].splitlines()[0]
+    assert json.loads((out / "summary.json").read_text())["step"] == 6
+    assert not _damage(ckpts / "step00000006")  # saved again, intact
+
+    for tag in ("step00000002", "step00000004", "step00000006"):
+        states = ckpts / tag / "mp_rank_00_model_states.pt"
+        states.write_bytes(states.read_bytes()[:100])
+    failed = _run(args + ["--resume", "latest"])
+    assert failed.returncode == 2
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "no intact checkpoint" in error[0], failed.stderr[-3000:]
+    assert all(t in error[0] for t in ("step00000002", "step00000004", "step00000006"))
+    assert "another objective" not in failed.stderr
+
+
+def _damage(tag_dir):
+    from mlip_ds.checkpoint import damage
+    return damage(tag_dir)
+
+
+def test_checksums_catch_a_changed_byte_and_old_markers_load_unverified(tmp_path, caplog):
+    from mlip_ds.checkpoint import COMPLETE, file_digests
+    tag = tmp_path / "step00000004"
+    (tag / "global_step4").mkdir(parents=True)
+    (tag / "global_step4" / "optim.pt").write_bytes(b"x" * 1000)
+    (tag / "trainer_rank0.json").write_text("{}")
+    (tag / COMPLETE).write_text(json.dumps({"files": file_digests(tag)}))
+    assert _damage(tag) is None
+    (tag / "global_step4" / "optim.pt").write_bytes(b"x" * 999 + b"y")  # same size, one byte changed
+    assert _damage(tag) == "global_step4/optim.pt does not match its sha256 checksum"
+    (tag / "trainer_rank0.json").unlink()
+    assert _damage(tag) == "trainer_rank0.json is missing"
+    (tag / COMPLETE).write_text("")  # a marker written before checksums existed
+    with caplog.at_level("INFO", logger="mlip_ds.checkpoint"):
+        assert _damage(tag) is None
+    assert "no checksums" in caplog.text and "unverified" in caplog.text
