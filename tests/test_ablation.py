@@ -271,11 +271,12 @@ def test_probe_flags_old_and_new(tmp_path, capsys):
     old = cli.settings_from_args(cli.build_parser().parse_args(base + ["--probe-train", str(data), "--probe-test",
                                                                        str(data)]))
     assert [t.folder for t in ab.probe_tasks(old)] == ["probe"] and "probe_tasks" not in old.shared()
+    assert old.shared()["probe_train"] == str(data)  # the old flags stay part of the resume check
     ab.check_settings(old)
     new = cli.settings_from_args(cli.build_parser().parse_args(
         base + ["--probe", f"pn={data},{data}", "--probe", f"bv={data},{data}"]))
     assert [(t.name, t.folder) for t in ab.probe_tasks(new)] == [("pn", "probe_pn"), ("bv", "probe_bv")]
-    assert new.shared()["probe_tasks"] == [["pn", str(data), str(data)], ["bv", str(data), str(data)]]
+    assert "probe_tasks" not in new.shared()  # tasks may be added to an existing --out
     ab.check_settings(new)
     cmd = ab.probe_command(new, "clip=x", tmp_path / "p", ab.probe_tasks(new)[1])
     assert cmd[cmd.index("--train-data") + 1] == str(data) and cmd[cmd.index("--out") + 1] == str(tmp_path / "p")
@@ -287,7 +288,7 @@ def test_probe_flags_old_and_new(tmp_path, capsys):
     assert cli.main(base + ["--probe-train", str(data)]) == 2 and "go together" in capsys.readouterr().err
 
 
-def _fake_probe_json(out: Path, fractions, seeds, auc):
+def _fake_probe_json(out: Path, fractions, seeds, auc, train="", test=""):
     rows = []
     for f in fractions:
         for s in seeds:
@@ -296,7 +297,8 @@ def _fake_probe_json(out: Path, fractions, seeds, auc):
                 row.update(metric=auc(f, seeds[0]), reused_from_seed=seeds[0])
             rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps({"fractions": fractions, "seeds": seeds, "encoders": {
+    (out / "probe.json").write_text(json.dumps({"fractions": fractions, "seeds": seeds, "train_data": train,
+                                                "test_data": test, "encoders": {
         "e": {"label_names": ["POS"], "per_seed": rows}}}))
 
 
@@ -316,7 +318,8 @@ def test_runner_probes_every_task_for_every_encoder(tmp_path, monkeypatch):
             enc = cmd[cmd.index("--encoder") + 1]
             task_bonus = 0.1 if "bv_train" in cmd[cmd.index("--train-data") + 1] else 0.0
             lift = {"clip": 0.0, "mlip": 0.02}.get(enc.split("=")[0], -0.2)
-            _fake_probe_json(out, [0.01, 1.0], [0, 1, 2], lambda f, s: 0.6 + task_bonus + lift + 0.01 * s + 0.1 * f)
+            _fake_probe_json(out, [0.01, 1.0], [0, 1, 2], lambda f, s: 0.6 + task_bonus + lift + 0.01 * s + 0.1 * f,
+                             cmd[cmd.index("--train-data") + 1], cmd[cmd.index("--test-data") + 1])
         else:
             d = Path(cmd[cmd.index("--out-dir") + 1])
             (d / "export").mkdir(parents=True, exist_ok=True)
@@ -339,8 +342,9 @@ def test_runner_probes_every_task_for_every_encoder(tmp_path, monkeypatch):
                                     "linear probe 'bv' of the random-init encoder"])
     for v in ("clip", "mlip", "random-init"):
         for t in ("pn", "bv"):
-            assert (tmp_path / "o" / "runs" / v / ("seed0" if v != "random-init" else "") / f"probe_{t}" /
-                    "probe.json").exists()
+            p = json.loads((tmp_path / "o" / "runs" / v / ("seed0" if v != "random-init" else "") / f"probe_{t}" /
+                            "probe.json").read_text())
+            assert p["train_data"] == str(tmp_path / f"{t}_train")
     for t, base in (("pn", 0.6), ("bv", 0.7)):
         m = r["variants"]["mlip"]["summary"]["tasks"][t]
         assert m["auc"]["0.01"]["mean"] == pytest.approx(base + 0.02 + 0.01 + 0.001)
@@ -352,6 +356,14 @@ def test_runner_probes_every_task_for_every_encoder(tmp_path, monkeypatch):
     calls.clear()
     ab.run_all(s, log=lambda m: None)
     assert calls == []  # everything was done: nothing trained or probed again
+    # a third task added to the same --out: only it is probed; a task whose data changed is probed again
+    (tmp_path / "x_train").mkdir()
+    s.probe_tasks = s.probe_tasks[:1] + (("bv", str(tmp_path / "bv_train"), str(tmp_path / "pn_test")),
+                                         ("x", str(tmp_path / "x_train"), str(tmp_path / "pn_test")))
+    r = ab.run_all(s, log=lambda m: None)
+    assert sorted(calls) == sorted(f"linear probe '{t}' of {e}" for t in ("bv", "x")
+                                   for e in ("'clip' seed 0", "'mlip' seed 0", "the random-init encoder"))
+    assert list(r["tasks"]) == ["pn", "bv", "x"] and "## Probe task `x`" in (tmp_path / "o" / "ablation.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,10 +145,9 @@ class Settings:
 
     def shared(self) -> dict:
         """What must be equal between a run and its resumption (everything but paths to outputs). The
-        probe tasks are left out while there are none, so runs made before ``--probe`` existed resume."""
-        d = {k: v for k, v in self.__dict__.items() if k not in ("out", "variants", "seeds")}
-        if not self.probe_tasks:
-            d.pop("probe_tasks")
+        ``--probe`` tasks are not in it: tasks can be added to an existing --out like seeds and variants
+        (a task's probe.json records its data, and a task whose data changed is probed again)."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("out", "variants", "seeds", "probe_tasks")}
         return json.loads(json.dumps(d))
 
 
@@ -351,10 +350,15 @@ def train_done(s: Settings, d: Path) -> bool:
     return bool(summary) and summary.get("step") == s.steps and (d / "export" / "image_encoder.safetensors").exists()
 
 
-def probe_done(s: Settings, probe_dir: Path) -> bool:
+def probe_done(s: Settings, probe_dir: Path, task: ProbeTask | None = None) -> bool:
+    """probe.json is there with the requested fractions and seeds (and, for a ``--probe`` task, was made
+    on that task's train and test data)."""
     p = _read_json(probe_dir / "probe.json")
-    return bool(p) and [float(f) for f in p.get("fractions", [])] == [float(f) for f in s.fractions] \
+    done = bool(p) and [float(f) for f in p.get("fractions", [])] == [float(f) for f in s.fractions] \
         and list(p.get("seeds", [])) == list(s.probe_seeds)
+    if done and task is not None and task.name != LEGACY_TASK:
+        done = p.get("train_data") == _abs(task.train) and p.get("test_data") == _abs(task.test)
+    return done
 
 
 def _run_logged(cmd: list[str], log_path: Path, what: str) -> float:
@@ -429,7 +433,7 @@ def run_one(s: Settings, variant: str, seed: int, log: Callable[[str], None] = p
     for task in probe_tasks(s):
         probe_dir = d / task.folder
         what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
-        if probe_done(s, probe_dir):
+        if probe_done(s, probe_dir, task):
             log(f"  {what}: done already")
             continue
         log(f"  {what}: fractions {list(s.fractions)}, seeds {list(s.probe_seeds)}")
@@ -448,7 +452,7 @@ def run_random_baseline(s: Settings, log: Callable[[str], None] = print) -> Path
     for task in probe_tasks(s):
         probe_dir = base / task.folder
         what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
-        if probe_done(s, probe_dir):
+        if probe_done(s, probe_dir, task):
             log(f"  random-init {what}: done already")
             continue
         base.mkdir(parents=True, exist_ok=True)
