@@ -60,7 +60,7 @@ def test_variants_share_steps_seed_data_and_heads(tmp_path):
             assert rest[-len(variant_flags) - 2:] == variant_flags + ["--resume", "latest"]
             common = rest[:-len(variant_flags) - 2]
             assert common[common.index("--max-steps") + 1] == "70" and common[common.index("--seed") + 1] == str(seed)
-            assert "--local-dim" in common  # tiny heads for the tiny model, for every variant alike
+            assert "--local-dim" not in common  # the trainer's own head sizes (its recipe), for every variant
             shared = shared or common
             assert common == shared, v
     assert len({ab.run_dir(s, v, 0) for v in ab.DEFAULT_VARIANTS}) == len(ab.DEFAULT_VARIANTS)

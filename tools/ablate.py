@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (resume granularity)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--heads", default="auto", choices=["auto", "tiny", "default"],
-                   help="MLIP head sizes: tiny = sized to the tiny towers (local 64, 128 prototypes, Tucker "
-                        "16/16/8 -> 64); auto = tiny for --model tiny (default)")
+                   help="MLIP head sizes: auto/default = the trainer's own (sized to the towers, K from the "
+                        "global batch: what --objective mlip gives a user); tiny = the flags of the 2026-11 "
+                        "tables (local 64, 128 prototypes, Tucker 16/16/8 -> 64)")
     p.add_argument("--deepspeed-config", default="ds_configs/zero2.json")
     p.add_argument("--fractions", default="0.01,0.1", help="probe label fractions (default 0.01,0.1)")
     p.add_argument("--probe-seeds", default="0,1,2", help="probe subsampling seeds (default 0,1,2)")

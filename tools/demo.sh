@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo command: install, then the whole main job on built-in synthetic data (CPU):
-#   synthetic shards -> DeepSpeed pretraining on 2 CPU ranks (ZeRO-2) -> export -> linear probe
-#   (pretrained vs random-init encoder) -> results table.
+#   synthetic shards -> DeepSpeed pretraining on 2 CPU ranks (ZeRO-2): MLIP with its default recipe,
+#   and the CLIP baseline on the same data and steps -> export -> linear probe (MLIP vs CLIP vs
+#   random-init encoder) -> results table.
 # Sizes are set by environment variables (defaults fit ~10 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,18 +26,22 @@ python tools/make_shards.py synthetic --out "$OUT/shards/probe_train" --num-samp
 python tools/make_shards.py synthetic --out "$OUT/shards/probe_test" --num-samples "$PROBE_N" \
     --start-index 2000000 --image-size 128 --workers 2 --overwrite
 
-echo "== 2/4 DeepSpeed pretraining, $RANKS CPU ranks, ZeRO-2 -> $OUT/run"
-deepspeed --num_gpus "$RANKS" mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
-    --train-shards "$OUT/shards/pretrain" --out-dir "$OUT/run" --model tiny \
-    --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --warmup-steps 20 --workers 1 \
-    --save-every 50 --log-every 10 --resume latest
+echo "== 2/4 DeepSpeed pretraining, $RANKS CPU ranks, ZeRO-2: MLIP (default recipe) -> $OUT/run, CLIP -> $OUT/run_clip"
+for objective in mlip clip; do
+  run="$OUT/run"; [ "$objective" = clip ] && run="$OUT/run_clip"
+  deepspeed --num_gpus "$RANKS" mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
+      --train-shards "$OUT/shards/pretrain" --out-dir "$run" --model tiny --objective "$objective" \
+      --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --warmup-steps 20 --workers 1 \
+      --save-every 50 --log-every 10 --resume latest
+done
 
 echo "== 3/4 export: $OUT/run/export (safetensors + config, loadable without DeepSpeed)"
 ls -l "$OUT/run/export"
 
-echo "== 4/4 linear probe: pretrained vs random-init image encoder"
+echo "== 4/4 linear probe: MLIP vs CLIP vs random-init image encoder"
 python -m mlip_ds.eval.linear_probe \
-    --encoder pretrained="$OUT/run/export" --encoder random-init="random:$OUT/run/export" \
+    --encoder mlip="$OUT/run/export" --encoder clip="$OUT/run_clip/export" \
+    --encoder random-init="random:$OUT/run/export" \
     --train-data "$OUT/shards/probe_train" --test-data "$OUT/shards/probe_test" \
     --fractions 0.01,0.1,1.0 --seeds 0,1,2 --workers 1 --out "$OUT/probe"
 

@@ -134,7 +134,7 @@ class Settings:
     samples_per_epoch: int = 0          # 0: the manifest's count
     save_every: int = 50
     log_every: int = 10
-    heads: str = "auto"                 # auto (tiny heads for --model tiny) | tiny | default
+    heads: str = "auto"                 # auto = default (the trainer's recipe) | tiny (the 2026-11 tables' flags)
     ds_config: str = "ds_configs/zero2.json"
     fractions: tuple[float, ...] = (0.01, 0.1)
     probe_seeds: tuple[int, ...] = (0, 1, 2)
@@ -272,7 +272,7 @@ def run_dir(s: Settings, variant: str, seed: int) -> Path:
 def train_args(s: Settings, variant: str, seed: int) -> list[str]:
     """train.py's flags for one (variant, seed): the shared ones, then the variant's switches."""
     sch = schedule(s)
-    heads = s.heads if s.heads != "auto" else ("tiny" if s.model == "tiny" else "default")
+    heads = s.heads if s.heads != "auto" else "default"  # the trainer's own sizes: what a user gets
     args = ["--train-shards", _abs(s.train_shards), "--out-dir", _abs(run_dir(s, variant, seed)), "--model", s.model,
             "--epochs", sch["epochs"], "--max-steps", s.steps, "--samples-per-epoch", sch["samples_per_epoch"],
             "--batch-size", s.batch_size, "--lr", s.lr, "--warmup-steps", s.warmup_steps, "--workers", s.workers,

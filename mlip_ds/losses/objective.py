@@ -2,7 +2,7 @@
 
 Every term has an on/off switch and a weight (all 1.0 by default, MGCA's defaults); with only the
 global term on it is a plain CLIP/ConVIRT baseline. The other fields hold the temperatures and
-switches of the parts (docs/mlip_method.md); fields are plain bool/int/float/str so the config
+switches of the parts (docs/method.md); fields are plain bool/int/float/str so the config
 module can turn them into command-line flags like the rest of the run configuration.
 """
 from __future__ import annotations

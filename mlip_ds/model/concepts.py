@@ -12,7 +12,7 @@ Row order is fixed by the source (sorted ids), so every rank and every resumed r
 vocabulary; changing it changes the size of the knowledge encoder's tables, and a checkpoint taken
 with another vocabulary will not load.
 
-A sample's knowledge category (docs/mlip_method.md sec. 3) is the set of labels of its non-negated
+A sample's knowledge category (docs/method.md sec. 3) is the set of labels of its non-negated
 concept mentions (``Concept.label``: the CheXpert/finding label a concept maps to); no such mention
 gives the ``no_finding`` category.
 """

@@ -1,6 +1,6 @@
 """Knowledge encoder: one embedding per concept mention and one pooled knowledge vector per sample.
 
-Our choice (docs/mlip_method.md, "Encoders"): a concept's embedding is the text tower's embedding of
+Our choice (docs/method.md, "Encoders"): a concept's embedding is the text tower's embedding of
 "canonical name: definition" (computed by the caller with the current text tower, so the knowledge
 space moves with the text space) plus a learned per-concept residual (what the definition misses);
 a negated mention gets a learned "absent" embedding added, so "no effusion" and "effusion" differ.
