@@ -235,15 +235,16 @@ def test_per_task_summary_pairs_by_seed_and_counts_the_full_fit_once(tmp_path):
     md = ab.format_task_tables(r)
     assert "## Training" in md and "## Probe task `pneumonia`" in md and "## Probe task `bacteria_virus`" in md
     pn_table = md.split("## Probe task `pneumonia`")[1].split("## Probe task")[0]
-    assert "| variant | AUC 1% | AUC 100% | Δ vs CLIP 1% (± SE) | Δ vs CLIP 100% (± SE) | Δ beyond 2 SE at |" in pn_table
+    assert ("| variant | AUC 1% | AUC 100% | Δ vs CLIP 1% (± SE) | Δ vs CLIP 100% (± SE) | Δ beyond 2 SE at |"
+            in pn_table)
     mlip_row = next(x for x in pn_table.splitlines() if x.startswith("| **mlip** |"))
     assert "+0.022 ± 0.005 (n=4)" in mlip_row and "+0.020 (n=1, no SE)" in mlip_row and mlip_row.endswith("| 1% |")
     assert any(x.startswith("| random init (no training) | 0.542 ± 0.043 |") for x in pn_table.splitlines())
     bv_row = next(x for x in md.split("## Probe task `bacteria_virus`")[1].splitlines()
                   if x.startswith("| **mlip** |"))
     assert bv_row.endswith("| none |")
-    assert "| **mlip** | global, divergence, local, category, itm, swap (+fn) | 10 | g 2.00 / total 2.00 | 50.0 | 12 |" \
-        in md
+    assert ("| **mlip** | global, divergence, local, category, itm, swap (+fn) | 10 | g 2.00 / total 2.00 | 50.0 "
+            "| 12 |") in md
     paths = ab.write_outputs(r, str(tmp_path))
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Probe tasks: pneumonia, bacteria_virus" in paths[1].read_text()

@@ -5,9 +5,10 @@ with equal steps, seeds and data by the real DeepSpeed trainer, exported, linear
     python tools/ablate.py --train-shards data/pretrain --probe-train data/probe_train \
         --probe-test data/probe_test --out runs/ablation --steps 300 --seeds 0
     # several probe tasks, each NAME=TRAIN,TEST (e.g. the real-image benchmark of tools/real_pairs.py)
-    python tools/ablate.py --train-shards B/shards/pretrain --probe pneumonia=B/probe/pneumonia/train,B/probe/pneumonia/test \
+    python tools/ablate.py --train-shards B/shards/pretrain \
+        --probe pneumonia=B/probe/pneumonia/train,B/probe/pneumonia/test \
         --probe bacteria_virus=B/probe/bacteria_virus/train,B/probe/bacteria_virus/test --out runs/realbench \
-        --steps 163 --variants clip,mlip --fractions 0.01,0.1,1.0 --probe-seeds 0,1,2,3,4,5,6,7,8,9
+        --steps 324 --variants clip,mlip --fractions 0.01,0.1,1.0 --probe-seeds 0,1,2,3,4,5,6,7,8,9
 
 Writes OUT/ablation.json, OUT/ablation.md and OUT/ablation.png; each run lives in
 OUT/runs/<variant>/seed<k>/. Rerunning the same command continues where it stopped: finished

@@ -229,7 +229,8 @@ def build_probe_trees(images: list[dict], kermany_root: Path, out: Path) -> dict
         if r["class_name"] == "PNEUMONIA":
             t = PNEUMONIA_TYPES.get(r["pneumonia_type"])
             if t is None:
-                raise RealPairsError(f"{r['path']}: pneumonia_type {r['pneumonia_type']!r} is neither bacteria nor virus")
+                raise RealPairsError(f"{r['path']}: pneumonia_type {r['pneumonia_type']!r} is neither bacteria "
+                                     "nor virus")
             targets.append(("bacteria_virus", t))
         for task, cls in targets:
             d = out / task / r["split"] / cls
@@ -310,7 +311,8 @@ def build(data: str, out: str, seed: int = 0, image_size: int = 128, fmt: str = 
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         timings["make_shards_s"] = round(time.time() - t1, 2)
         if r.returncode != 0:
-            raise RealPairsError(f"tools/make_shards.py failed (exit {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+            raise RealPairsError(f"tools/make_shards.py failed (exit {r.returncode}):\n"
+                                 f"{r.stdout[-2000:]}{r.stderr[-2000:]}")
         log(r.stdout.strip())
         manifest = json.loads((out_p / "shards" / "pretrain" / "manifest.json").read_text())
     timings["total_s"] = round(time.time() - t0, 2)
