@@ -165,6 +165,24 @@ def damage(tag_dir: Path) -> str | None:
     return None
 
 
+def check_world_size(tag_dir: Path, world_size: int) -> None:
+    """Refuse, before DeepSpeed's load, a checkpoint saved on another number of ranks: ZeRO's
+    optimizer state and the trainer's data-stream positions are per rank (DeepSpeed 0.19.8 raises
+    ZeRORuntimeException on every rank). Say exactly how to resume it."""
+    path = tag_dir / SIGNATURE
+    if path.exists():
+        saved = json.loads(path.read_text()).get("world_size")
+    else:  # an older save: one trainer file per rank
+        saved = len(list(tag_dir.glob("trainer_rank*.json"))) or None
+    if saved is None or saved == world_size:
+        return
+    raise CheckpointError(
+        f"checkpoint {tag_dir} was saved on {saved} rank(s); this run has {world_size}. Resuming on another world "
+        f"size is not supported yet (ZeRO's optimizer partitions and each rank's data-stream position belong to "
+        f"the saved ranks): rerun with {saved} rank(s) (deepspeed --num_gpus {saved} mlip_ds/train.py ..., or "
+        f"{saved} SLURM tasks), or start a new --out-dir")
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
          signature: dict | None = None) -> None:
     """Collective: every rank calls it."""
@@ -255,6 +273,7 @@ def resume(engine, ckpt_dir: Path, which: str, signature: dict | None = None) ->
         return None
     if signature is not None:
         check_signature(ckpt_dir / tag, signature)
+        check_world_size(ckpt_dir / tag, signature["world_size"])
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
