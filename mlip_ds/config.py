@@ -72,7 +72,8 @@ class RunConfig:
     nan_check: str = field(default="auto", metadata={
         "help": "how a non-finite loss is skipped: sync (the loss is checked on the host every micro-step, "
                 "one all-reduce), deepspeed (DeepSpeed's own gradient-overflow check skips the optimizer "
-                "step; no extra host sync; needs bf16/fp16), auto (deepspeed when bf16/fp16 is on, else sync)",
+                "step; it scans every gradient; needs fp16, or bf16 with check_grad_overflow not false), "
+                "auto (deepspeed where that check runs, else sync: sync with the shipped configs)",
         "choices": ["auto", "sync", "deepspeed"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (DeepSpeed engine.compile)"})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --compile"})

@@ -114,7 +114,7 @@ def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
 
 
 def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_shards, tmp_path):
-    """--nan-check deepspeed (the default with bf16 on a GPU: no host sync per step) skips the
+    """--nan-check deepspeed (with a config that leaves bf16.check_grad_overflow on) skips the
     optimizer step through DeepSpeed's own gradient-overflow check, on every rank; here in bf16 on CPU,
     with the full MLIP objective: the path a GPU runs (fp32 EMA towers under autocast, the
     co-occurrence table guarded on the device)."""

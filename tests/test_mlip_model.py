@@ -336,6 +336,39 @@ def test_training_step_never_waits_for_the_device(setup, preset):
     assert all(p.grad is not None for p in model.visual.parameters())  # the backward ran
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's sync debug mode)")
+def test_training_step_never_syncs_on_cuda(setup):
+    """The whole MLIP step on CUDA as the trainer runs it with bf16 (bf16 weights, fp32 EMA towers
+    under autocast): forward, every loss term, backward, EMA update, then gradient clipping and
+    fused AdamW, under ``torch.cuda.set_sync_debug_mode("error")``: any host <-> device sync in it
+    raises (issue 15). The first step is a warm-up (lazy initialisations sync once)."""
+    _, tok, vocab, batch = setup
+    objective = objective_preset("mlip", **SMALL)
+    model = _model(setup, objective).cuda().train()
+    for p in model.parameters():  # as DeepSpeed's bf16 casts: the parameters, not the buffers
+        p.data = p.data.to(torch.bfloat16)
+    model.ema_visual.float(), model.ema_text.float()
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cuda", seed=3)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step():
+        loss, _ = training_step(model, objective, inputs)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
 def test_swapped_reports_in_the_reports_forward_change_nothing(setup):
     """The swapped reports share the reports' text forward; encoded apart (another length: one
     more padding column, which the attention mask hides) every output is the same."""
