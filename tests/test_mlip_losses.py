@@ -171,6 +171,9 @@ def test_divergence_loss_false_negatives_and_image_image_term():
     # without any category mask (instance discrimination).
     with_ii = divergence_loss(img, txt, img_d, txt_d, scale, cats=cats, mode="drop", image_image_scale=10.0)
     assert torch.allclose(with_ii - got, info_nce(img, img_d, torch.tensor([10.0])), atol=1e-6)
+    heavier = divergence_loss(img, txt, img_d, txt_d, scale, cats=cats, mode="drop", image_image_scale=10.0,
+                              image_image_weight=3.0)
+    assert torch.allclose(heavier - got, 3 * info_nce(img, img_d, torch.tensor([10.0])), atol=1e-5)
     with_ii.backward()
     assert img.grad is not None and txt.grad is not None
 

@@ -25,14 +25,16 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                     image_div: torch.Tensor, text_div: torch.Tensor,
                     logit_scale: torch.Tensor, cats: torch.Tensor | None = None, mode: str = "off",
                     soft_weight: float = 0.5, match: str = "exact",
-                    image_image_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+                    image_image_scale: float | torch.Tensor | None = None,
+                    image_image_weight: float = 1.0) -> torch.Tensor:
     """InfoNCE(image, text_div) + InfoNCE(image_div, text) [+ InfoNCE(image, image_div)] over the
     global batch.
 
     All four inputs are L2-normalised local rows (B, D); ``image_div``/``text_div`` come from the EMA
     encoders on the other augmented view and are detached here. ``logit_scale`` is 1/temperature.
     ``cats`` (B, C) and ``mode`` ('off', 'drop', 'soft'): the false-negative rule of the global term.
-    ``image_image_scale``: 1/temperature of the image-image term; None leaves it out.
+    ``image_image_scale``: 1/temperature of the image-image term, weighted by ``image_image_weight``;
+    None leaves it out.
     """
     image_div, text_div = image_div.detach(), text_div.detach()
     rank, world_size = dist_info()
@@ -52,5 +54,6 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
             + pair_info_nce(image_div, text_features, all_image_div, all_text, logit_scale, offset, mask, mode,
                             soft_weight))
     if image_image_scale is not None:
-        loss = loss + pair_info_nce(image_features, image_div, all_image, all_image_div, image_image_scale, offset)
+        loss = loss + image_image_weight * pair_info_nce(image_features, image_div, all_image, all_image_div,
+                                                         image_image_scale, offset)
     return loss

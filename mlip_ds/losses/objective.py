@@ -38,7 +38,9 @@ class ObjectiveConfig:
     divergence_image: bool = field(default=True, metadata={
         "help": "the divergence term also contrasts each image with its divergence view (InfoNCE(image, "
                 "image_div)): keeps image detail that no report names (our choice, docs/method.md)"})
-    image_temperature: float = field(default=0.1, metadata={
+    image_weight: float = field(default=1.0, metadata={"min": 0,
+        "help": "weight of the image-image divergence term within the divergence term"})
+    image_temperature: float = field(default=0.1, metadata={"gt": 0,
         "help": "temperature of the image-image divergence term (SimCLR/MoCo range; the image-report terms "
                 "use the learned one)"})
     # local
@@ -58,9 +60,9 @@ class ObjectiveConfig:
     proto_temperature: float = field(default=0.2, metadata={"gt": 0, "help": "swapped-prediction temperature"})
     sinkhorn_eps: float = field(default=0.05, metadata={"gt": 0, "help": "Sinkhorn entropy ε"})
     sinkhorn_iters: int = field(default=3, metadata={"min": 1, "help": "Sinkhorn iterations"})
-    freeze_prototypes: float = field(default=0.05, metadata={
+    freeze_prototypes: float = field(default=0.05, metadata={"min": 0, "max": 1,
         "help": "fraction of the run's optimizer steps with frozen prototypes (MGCA: its first epoch of 50)"})
-    freeze_prototypes_steps: int = field(default=-1, metadata={
+    freeze_prototypes_steps: int = field(default=-1, metadata={"min": -1,
         "help": "optimizer steps with frozen prototypes; -1: from --freeze-prototypes"})
     proto_queue: int = field(default=0, metadata={"min": 0,
         "help": "embeddings of past batches kept per rank and added to the Sinkhorn batch (SwAV's queue, "
@@ -76,14 +78,14 @@ class ObjectiveConfig:
     tucker_out: int = field(default=0, metadata={"min": 0, "help": "Tucker fusion output width (0: auto)"})
     swap_prob: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "probability of swapping a report"})
     swap_mode: str = field(default="auto", metadata={"help": "'auto', 'mentions' or 'sentence'"})
-    aux_start: float = field(default=0.2, metadata={
+    aux_start: float = field(default=0.2, metadata={"min": 0, "max": 1,
         "help": "fraction of the run's optimizer steps during which every term but the global one is off "
                 "(not computed)"})
-    aux_warmup: float = field(default=0.1, metadata={
+    aux_warmup: float = field(default=0.1, metadata={"min": 0, "max": 1,
         "help": "then the fraction of the run over which their weights ramp linearly from 0 to their λ"})
-    aux_start_steps: int = field(default=-1, metadata={
+    aux_start_steps: int = field(default=-1, metadata={"min": -1,
         "help": "the same in optimizer steps (overrides --aux-start); -1: from --aux-start"})
-    aux_warmup_steps: int = field(default=-1, metadata={
+    aux_warmup_steps: int = field(default=-1, metadata={"min": -1,
         "help": "the same in optimizer steps (overrides --aux-warmup); -1: from --aux-warmup"})
 
     def enabled(self, name: str) -> bool:

@@ -151,15 +151,18 @@ class MLIPModel(nn.Module):
         # in-projection (``_image_cls_attention``); asking nn.MultiheadAttention for its weights
         # instead would move the whole block off the fused attention kernel.
         blocks = getattr(visual.transformer, "resblocks", None)
-        if blocks is not None and isinstance(getattr(blocks[-1], "attn", None), nn.MultiheadAttention):
-            object.__setattr__(self, "_image_attn", blocks[-1].attn)  # not a second registered child
+        attn = getattr(blocks[-1], "attn", None) if blocks is not None else None
+        if hasattr(attn, "get_base_layer"):  # a LoRA (peft) wrapper (model/adapters.py): importance from the base W
+            attn = attn.get_base_layer()
+        if isinstance(attn, nn.MultiheadAttention):
+            object.__setattr__(self, "_image_attn", attn)  # not a second registered child
 
             def keep_input(module, args, kwargs):
                 if self._capture:
                     query = args[0] if args else kwargs["query"]
                     self._captured["image_x"] = query.detach()
 
-            blocks[-1].attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+            attn.register_forward_pre_hook(keep_input, with_kwargs=True)
         # Text: BERT-style self-attention of the last layer; its query/key projections are recorded
         # (sdpa attention does not return weights) and the CLS row is recomputed from them.
         try:
@@ -361,7 +364,8 @@ def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: Co
         terms["divergence"] = divergence_loss(
             img, txt, out["image_features_ema"].float(), out["text_features_ema"].float(), scale, cats=cats,
             mode=o.false_negatives, soft_weight=o.soft_weight, match=o.false_negative_match,
-            image_image_scale=1.0 / o.image_temperature if o.divergence_image else None)
+            image_image_scale=1.0 / o.image_temperature if o.divergence_image else None,
+            image_image_weight=o.image_weight)
     if on["local"]:
         tkp = out["tkp"]
         terms["local"] = local_alignment_loss(tkp.tokens, tkp.contexts, out["token_mask"], out["token_weights"],
