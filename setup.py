@@ -19,6 +19,7 @@ setup(
         "einops",
         "tensorboard",
         "safetensors",
+        "peft>=0.17",  # LoRA adapters (--lora-rank); target_parameters (nn.MultiheadAttention's in_proj) needs 0.17
         "scikit-learn",
         "numpy",
         "pillow",

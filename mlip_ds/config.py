@@ -36,12 +36,29 @@ class ModelConfig:
     pretrained_image: str = field(default="", metadata={"help": "local vision-tower weights (safetensors or torch file)"})
     init_temperature: float = field(default=0.07, metadata={"gt": 0, "help": "initial softmax temperature"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing in both towers"})
+    init_from: str = field(default="", metadata={
+        "help": "warm start both towers and the temperature from a local open_clip folder (open_clip_config.json "
+                "+ open_clip_model.safetensors or open_clip_pytorch_model.bin; its model_cfg replaces --model; an "
+                "mlip-ds export is one) or an open_clip checkpoint file (architecture: --model). Strict: "
+                "mismatched keys are named. Nothing is downloaded (docs/warm_start.md)"})
+    freeze_image: bool = field(default=False, metadata={"help": "freeze the whole image tower (projection included)"})
+    freeze_text: bool = field(default=False, metadata={"help": "freeze the whole text tower (projection included)"})
+    freeze_towers_except_proj: bool = field(default=False, metadata={
+        "help": "freeze both towers except their output projections (temperature and MLIP heads still train)"})
+    lora_rank: int = field(default=0, metadata={"min": 0, "help": "LoRA (peft) adapters of this rank on the towers "
+                                                                  "not frozen whole; their base weights freeze, "
+                                                                  "projections train (0: off)"})
+    lora_alpha: float = field(default=0.0, metadata={"min": 0, "help": "LoRA alpha (scale alpha/rank; 0: = rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"min": 0, "lt": 1, "help": "dropout on the LoRA input"})
+    lora_targets: str = field(default="auto", metadata={
+        "help": "comma-separated module or parameter names to adapt; auto: ViT in_proj_weight,c_fc,c_proj and "
+                "BERT query,value"})
 
 
 @dataclass
 class OptimConfig:
     lr: float = field(default=5e-4, metadata={"gt": 0, "help": "peak learning rate (AdamW) of everything trained from scratch"})
-    lr_pretrained: float = field(default=2e-5, metadata={
+    lr_pretrained: float = field(default=2e-5, metadata={"gt": 0,
         "help": "peak learning rate of a tower loaded with pretrained weights (--pretrained-text, "
                 "--pretrained-image); the method's 2e-5 (new heads keep --lr)"})
     weight_decay: float = field(default=0.05, metadata={"min": 0, "help": "AdamW weight decay (not on norms, biases, temperature)"})

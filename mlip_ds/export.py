@@ -3,6 +3,14 @@
 ``export/`` holds ``model.safetensors`` (both towers), ``image_encoder.safetensors`` (the vision
 tower alone, for transfer), ``config.json`` (model config + preprocessing), and ``text_model/``
 (the text model's config and tokenizer files, so the folder is self-contained).
+
+It is also an open_clip folder (the layout of open_clip's ``save_for_hf``):
+``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``), ``open_clip_model.safetensors`` (a
+hard link to ``model.safetensors``: the same bytes; open_clip reshapes our [1] ``logit_scale``) and
+the tokenizer files at the top, so ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
+``open_clip.get_tokenizer("local-dir:DIR")`` load it offline, and ``--init-from DIR`` warm-starts
+from it. open_clip builds the text tower from ``text_cfg.hf_model_name``, written as the absolute path
+of ``DIR/text_model``: after moving the folder, run ``python -m mlip_ds.export --repoint DIR``.
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD
@@ -49,6 +58,7 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str, info: di
     (tmp / "config.json").write_text(json.dumps(
         {"format": "mlip-ds-export", "version": 1, "model_config": cfg, "preprocess": preprocess,
          "info": info or {}}, indent=2))
+    write_open_clip_layout(tmp, cfg, preprocess, final_dir=out)
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -58,6 +68,39 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str, info: di
     else:
         os.replace(tmp, out)
     return out
+
+
+def write_open_clip_layout(folder: Path, cfg: dict, preprocess: dict, final_dir: Path | None = None) -> None:
+    """open_clip's files next to ours in ``folder`` (which will live at ``final_dir``): config,
+    weights (hard link, else a copy), tokenizer files at the top."""
+    folder = Path(folder)
+    text_dir = str((Path(final_dir or folder).resolve()) / "text_model")
+    model_cfg = json.loads(json.dumps(cfg))
+    model_cfg.pop("preprocess", None)
+    model_cfg["text_cfg"]["hf_model_name"] = model_cfg["text_cfg"]["hf_tokenizer_name"] = text_dir
+    preprocess_cfg = {"size": preprocess["image_size"], "mean": preprocess["mean"], "std": preprocess["std"],
+                      # eval_transform: resize the short side (bilinear), centre crop
+                      "interpolation": "bilinear", "resize_mode": "shortest"}
+    (folder / HF_CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                    indent=2))
+    weights = folder / HF_SAFE_WEIGHTS_NAME
+    if not weights.exists():
+        try:
+            os.link(folder / "model.safetensors", weights)
+        except OSError:
+            shutil.copy2(folder / "model.safetensors", weights)
+    for name in TEXT_FILES:
+        if name != "config.json" and (folder / "text_model" / name).exists():
+            shutil.copy2(folder / "text_model" / name, folder / name)
+
+
+def repoint(export_dir: str) -> Path:
+    """Rewrite ``open_clip_config.json``'s text-model path after the export folder was moved."""
+    folder = Path(export_dir)
+    meta = read_export_config(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())["model_config"]
+    write_open_clip_layout(folder, cfg, meta["preprocess"])
+    return folder / HF_CONFIG_NAME
 
 
 def read_export_config(export_dir: str) -> dict:
@@ -103,3 +146,16 @@ def load_image_encoder(export_dir: str, random_init: bool = False, seed: int = 0
     """Return (encoder, preprocess) with preprocess = {image_size, mean, std}."""
     model, meta = load_model(export_dir, random_init=random_init, seed=seed)
     return ImageEncoder(model.visual, embedding=embedding).eval(), meta["preprocess"]
+
+
+def main(argv=None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description="mlip-ds export folders")
+    parser.add_argument("--repoint", metavar="DIR", required=True,
+                        help="rewrite DIR/open_clip_config.json for the folder's current location (after a move)")
+    args = parser.parse_args(argv)
+    print(repoint(args.repoint))
+
+
+if __name__ == "__main__":
+    main()

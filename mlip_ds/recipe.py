@@ -46,8 +46,9 @@ def resolve(cfg: TrainConfig, total_steps: int, global_batch: int) -> TrainConfi
 
 def pretrained_towers(cfg: TrainConfig) -> tuple[str, ...]:
     """Module-name prefixes of the towers that start from pretrained weights."""
-    return tuple(name for name, on in (("visual.", bool(cfg.model.pretrained_image)),
-                                       ("text.", cfg.model.pretrained_text)) if on)
+    init = bool(getattr(cfg.model, "init_from", ""))  # --init-from loads both towers
+    return tuple(name for name, on in (("visual.", bool(cfg.model.pretrained_image) or init),
+                                       ("text.", cfg.model.pretrained_text or init)) if on)
 
 
 def aux_terms_on(o: ObjectiveConfig) -> list[str]:

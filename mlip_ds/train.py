@@ -37,10 +37,11 @@ from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size
 from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.losses.objective import TERMS, active_terms, total_loss  # noqa: E402
+from mlip_ds.model import adapters, warm_start  # noqa: E402
 from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
 from mlip_ds.model.mlip import (BatchPreparer, MLIPModel, compute_terms, mlip_parts_on, mlip_state,  # noqa: E402
                                 needs)
-from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
+from mlip_ds.model.towers import build_model, build_tokenizer  # noqa: E402
 from mlip_ds.sync_audit import SyncAudit  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
@@ -74,9 +75,14 @@ def check_inputs(cfg: TrainConfig, ds_config_path: str | None = None) -> tuple[d
         raise SetupError("--train-shards is required: a shard folder from `python tools/make_shards.py`")
     urls = expand_shards(cfg.data.train_shards)
     try:
-        model_cfg = load_model_config(cfg.model.model, cfg.model.text_model or None, cfg.model.tokenizer or None)
+        # --init-from an open_clip folder: its open_clip_config.json is the architecture.
+        model_cfg = warm_start.model_config(cfg.model.model, cfg.model.text_model or None, cfg.model.tokenizer or None,
+                                            cfg.model.init_from or None)
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
+    if cfg.model.lora_rank and ds_config_path and _zero_stage(load_ds_config(ds_config_path)) >= 3:
+        raise SetupError("--lora-rank with ZeRO stage 3: not supported (the adapters are merged into partitioned "
+                         "weights at export); use ds_configs/zero2.json or zero2_offload.json")
     samples = cfg.data.samples_per_epoch
     if samples <= 0:
         manifest = Path(urls[0]).parent / "manifest.json"
@@ -148,7 +154,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
             continue
         skip = (p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
                 or name.startswith("prototypes."))
-        groups.setdefault((name.startswith(pretrained) if pretrained else False, skip), []).append(p)
+        # LoRA adapters are new weights on a pretrained tower: they take ``lr``.
+        pre = bool(pretrained) and name.startswith(pretrained) and not adapters.is_adapter(name)
+        groups.setdefault((pre, skip), []).append(p)
     out = []
     for (pre, skip), params in sorted(groups.items()):
         group = {"params": params, "weight_decay": 0.0 if skip else weight_decay}
@@ -190,9 +198,18 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         for line in recipe.warnings_for(cfg, total_steps, cfg.data.batch_size * world * accum):
             log.warning("recipe: %s", line)
 
-    clip = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
-                       pretrained_image=cfg.model.pretrained_image or None,
-                       init_temperature=cfg.model.init_temperature)
+    try:
+        clip = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
+                           pretrained_image=cfg.model.pretrained_image or None,
+                           init_temperature=cfg.model.init_temperature, init_from=cfg.model.init_from or None)
+        choice = adapters.TrainChoice.from_model_config(cfg.model)  # freeze / LoRA, before the optimizer
+        if choice.active():
+            counts = adapters.apply(clip, choice)
+            if rank == 0:
+                log.info("trainable parameters: %s", ", ".join(
+                    f"{k} {v['trainable']:,}/{v['total']:,}" for k, v in counts.items() if v["total"]))
+    except (warm_start.WarmStartError, adapters.TrainChoiceError) as e:
+        raise SetupError(str(e)) from e
     if cfg.model.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(model_cfg)
@@ -230,7 +247,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples_seen": 0, "nan_skipped": 0,
              "skipped_before_epoch": 0, "streams": streams}
     rank_state = {"positions": [0] * streams, "skipped": [0] * streams}
-    signature = checkpoint.run_signature(module, model_cfg, cfg.objective.__dict__, run_info["concepts"], world,
+    signature = checkpoint.run_signature(module, {**model_cfg, "trainable": choice.as_dict()} if choice.active()
+                                         else model_cfg, cfg.objective.__dict__, run_info["concepts"], world,
                                          ds_stage)
     if cfg.run.resume:
         try:
@@ -375,6 +393,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None,
                                            enabled=ds_stage == 3):
         if rank == 0:
+            if adapters.has_adapters(module):  # training is over: fold LoRA into the base weights
+                adapters.merge_adapters_(module)
             export_model(module.clip_model(), model_cfg, str(export_dir),
                          info={"step": state["step"], "samples_seen": state["samples_seen"],
                                "objective": cfg.objective.__dict__})

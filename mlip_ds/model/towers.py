@@ -58,14 +58,17 @@ def load_model_config(name: str, text_model: str | None = None, tokenizer: str |
 
 
 def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image: str | None = None,
-                init_temperature: float = 0.07) -> open_clip.CustomTextCLIP:
-    """Instantiate the two-tower model.
+                init_temperature: float = 0.07, init_from: str | None = None) -> open_clip.CustomTextCLIP:
+    """Instantiate the two-tower model. ``init_from`` (an open_clip folder or checkpoint file, see
+    ``warm_start``) then loads both towers and the temperature, strictly.
 
     ``nonscalar_logit_scale`` gives logit_scale the shape [1]: DeepSpeed 0.19.8 rejects 0-dim
     parameters in ``initialize`` (stack notes), and the losses broadcast a [1] scale fine.
     """
     cfg = copy.deepcopy(model_cfg)
     cfg.pop("preprocess", None)
+    for key in ("custom_text", "nonscalar_logit_scale", "init_logit_scale"):  # ours, or not CustomTextCLIP's
+        cfg.pop(key, None)
     text_cfg = dict(cfg.pop("text_cfg"))
     text_cfg["hf_model_pretrained"] = pretrained_text
     import math
@@ -77,6 +80,9 @@ def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image
         model.text.__class__ = SyncFreeHFTextEncoder
     if pretrained_image:
         load_image_weights(model, pretrained_image)
+    if init_from:
+        from mlip_ds.model.warm_start import load_init_weights
+        load_init_weights(model, init_from)
     return model
 
 
