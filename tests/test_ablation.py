@@ -140,6 +140,7 @@ def test_missing_shards_and_bad_flags_fail_clearly_before_training(tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_two_variants_then_a_rerun_skips_what_is_done(synthetic_shards, tmp_path):
     out = tmp_path / "abl"
     args = ["--train-shards", synthetic_shards["train"], "--probe-train", synthetic_shards["train"],

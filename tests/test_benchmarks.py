@@ -50,6 +50,7 @@ def check_machine(out):
     assert "load avg at end" in line
 
 
+@pytest.mark.slow
 def test_bench_make_shards(tmp_path):
     out = run_tool("bench_make_shards.py", ["--samples", 6, "--small", 2, "--workers", "1", "--sources",
                                             "synthetic,csv", "--repeats", 1, "--image-size", 64,
@@ -62,6 +63,7 @@ def test_bench_make_shards(tmp_path):
     assert "make_shards.py synthetic --num-samples 6" in out
 
 
+@pytest.mark.slow
 def test_bench_loader(tmp_path):
     out = run_tool("bench_loader.py", ["--objectives", "clip", "--batch-size", 4, "--batches", 2, "--warmup", 1,
                                        "--steps", 1, "--repeats", 1, "--samples", 32, "--workers", 1, "--ranks", 1],
@@ -73,6 +75,7 @@ def test_bench_loader(tmp_path):
     assert "mlip_ds/train.py" in out
 
 
+@pytest.mark.slow
 def test_bench_zero_memory(tmp_path):
     out = run_tool("bench_zero_memory.py", ["--model", "tiny", "--stages", "2", "--steps", 1, "--ranks", 1], tmp_path)
     check_machine(out)
@@ -84,6 +87,7 @@ def test_bench_zero_memory(tmp_path):
     assert all(float(r[6]) > 0 for r in body)  # ZeRO-2 keeps an fp32 master partition
 
 
+@pytest.mark.slow
 def test_bench_throughput(tmp_path):
     sys.path.insert(0, str(TOOLS))
     from bench_throughput import default_extra_path, openclip_available
@@ -103,6 +107,7 @@ def test_bench_throughput(tmp_path):
     assert m and m.group(1) == m.group(2), "both trainers must train the same towers"
 
 
+@pytest.mark.slow
 def test_bench_engine(tmp_path):
     out = run_tool("bench_engine.py", ["--systems", "ddp,zero2+flags", "--steps", 1, "--warmup", 0, "--rounds", 1,
                                        "--batch-size", 4], tmp_path)

@@ -433,6 +433,7 @@ def test_fit_engine_runs_min_steps_and_freezes_encoder():
 # the CLI
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_detect_and_segment(shards, exports, tmp_path, capsys):
     from mlip_ds.downstream.transfer import main
     from mlip_ds.eval.linear_probe import fraction_count

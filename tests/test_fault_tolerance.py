@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import ROOT, deepspeed_cmd, read_train_log, train_env
 
 
@@ -36,6 +38,7 @@ def _wait_for_step(out, step, proc, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_kill9_then_resume_gives_the_uninterrupted_losses(synthetic_shards, tmp_path):
     shards = synthetic_shards["train"]
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -64,6 +67,7 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(synthetic_shards, tmp_
     assert json.loads((out / "summary.json").read_text())["step"] == 12
 
 
+@pytest.mark.slow
 def test_kill_inside_a_save_leaves_a_loadable_latest(synthetic_shards, tmp_path):
     out = tmp_path / "run"
     r = _run(_args(synthetic_shards["train"], out), env=train_env(MLIP_FAULT_INJECT="kill_in_save:8"))
@@ -78,6 +82,7 @@ def test_kill_inside_a_save_leaves_a_loadable_latest(synthetic_shards, tmp_path)
     assert not (ckpts / "step00000008").exists() or (ckpts / "step00000008" / "COMPLETE").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_losses_are_skipped_then_stop_the_run(synthetic_shards, tmp_path):
     out = tmp_path / "nan"
     r = _run(_args(synthetic_shards["train"], out, **{"--epochs": 1}),
@@ -95,6 +100,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(synthetic_shards, tmp_p
     assert (out / "checkpoints" / "latest").read_text() == "step00000002"
 
 
+@pytest.mark.slow
 def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
     out = tmp_path / "preempted"
     proc = subprocess.Popen(deepspeed_cmd(_args(synthetic_shards["train"], out, **{"--save-every": 0})),
@@ -113,6 +119,7 @@ def test_preemption_signal_checkpoints_and_resumes(synthetic_shards, tmp_path):
     assert json.loads((out / "summary.json").read_text())["step"] == 12
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_shards, tmp_path):
     """--nan-check deepspeed (with a config that leaves bf16.check_grad_overflow on) skips the
     optimizer step through DeepSpeed's own gradient-overflow check, on every rank; here in bf16 on CPU,
@@ -140,6 +147,7 @@ def test_non_finite_loss_skipped_by_deepspeeds_overflow_check_in_bf16(synthetic_
     assert r.returncode != 0 and "--nan-check deepspeed needs" in r.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_loses_only_itself(synthetic_shards, tmp_path):
     """Truncate the newest checkpoint's model states: --resume latest skips it (naming it) for the
     older intact one and finishes; with every checkpoint damaged it stops and says why."""

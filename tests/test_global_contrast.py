@@ -2,6 +2,7 @@
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -65,6 +66,7 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank():
     xi, xt, wi, wt = _features()
     ref = _loss_and_grads(xi, xt, wi, wt, torch.tensor([3.0]))

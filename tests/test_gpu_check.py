@@ -49,6 +49,7 @@ def test_step_flops_match_torchs_count_at_vit_b16(objective):
         assert analytic < counted < 1.03 * analytic, counted / analytic
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "8",
                         "--batch-size", "8", "--ranks", "2", "--workers", "1", "--samples", "128",

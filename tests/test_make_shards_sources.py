@@ -394,6 +394,7 @@ def test_resume_rewrites_only_the_damaged_shard(tmp_path, capsys):
     assert code == 0 and "kept 0 verified shard(s), wrote 3" in out
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     """SIGKILL a real run once two shards are complete; --resume keeps them and finishes the rest,
     giving the same bytes as an uninterrupted run."""

@@ -581,6 +581,7 @@ def _dist_worker(rank, world, port, q):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_for_every_cross_rank_term():
     ref = [t for _, t in _dist_losses(*_dist_inputs())]
     ctx = mp.get_context("spawn")

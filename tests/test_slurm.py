@@ -16,6 +16,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here launches DeepSpeed training or SLURM
+
 SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
 TINY = "--batch-size 4 --workers 0 --log-every 4 --warmup-steps 2"  # 2 ranks x 4 = 8 samples a step
 # Pending for one of these reasons, a job never starts on this cluster.

@@ -32,6 +32,7 @@ def _scalars(tb_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_two_rank_run_checkpoints_resumes_and_exports(synthetic_shards, tmp_path):
     out = tmp_path / "run"
     common = ["--train-shards", str(synthetic_shards["train"]), "--out-dir", str(out), "--batch-size", "4",
@@ -82,6 +83,7 @@ def _train_cli(args):
     return subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_wrong_shard_path_fails_before_deepspeed(tmp_path):
     r = _train_cli(["--train-shards", str(tmp_path / "nope")])
     assert r.returncode == 2
@@ -89,6 +91,7 @@ def test_wrong_shard_path_fails_before_deepspeed(tmp_path):
     assert "DeepSpeed info" not in r.stdout + r.stderr  # never reached deepspeed.initialize
 
 
+@pytest.mark.slow
 def test_unknown_model_fails_with_choices(synthetic_shards):
     r = _train_cli(["--train-shards", str(synthetic_shards["train"]), "--model", "vit-huge-typo"])
     assert r.returncode == 2
@@ -128,6 +131,7 @@ def test_optimizer_kernel_choice():
     assert chosen["optimizer"]["params"] == {**base["optimizer"]["params"], "torch_adam": False}
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_and_exports_the_same_parameter_names(synthetic_shards, tmp_path):
     """--compile (DeepSpeed's in-place engine.compile) with the full MLIP objective: it trains, and
     checkpoints/exports have the same keys as eager. The "aot_eager" backend traces the backward as
@@ -160,6 +164,7 @@ def _reduce_worker(rank, world, port, q):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_logged_terms_are_rank_means_and_skipped_samples_a_rank_sum():
     import torch.multiprocessing as mp
 

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, deepspeed_cmd, read_train_log, train_env
 
+pytestmark = pytest.mark.slow  # every test here launches DeepSpeed training or SLURM
+
 TERMS = ("global", "divergence", "local", "category", "itm", "swap")
 STEPS = 24  # 2 epochs of 12 steps
 

@@ -234,6 +234,7 @@ def _train(args):
     return subprocess.run(cmd, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_warm_started_frozen_lora_run_resumes_under_zero2_and_exports_merged(synthetic_shards, tmp_path):
     """1 rank, ZeRO-2: --init-from an open_clip folder, image tower frozen, LoRA on the text tower;
     checkpoint at step 2, resume to step 4. Frozen weights are bit-identical to the folder's, the

@@ -8,6 +8,8 @@ import torch
 from conftest import ROOT, deepspeed_cmd, train_env
 from mlip_ds.export import load_model
 
+pytestmark = pytest.mark.slow  # every test here launches DeepSpeed training or SLURM
+
 
 @pytest.fixture(scope="module")
 def zero2_export(synthetic_shards, tmp_path_factory):
