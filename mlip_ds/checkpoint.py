@@ -10,6 +10,11 @@ its part); a resume verifies them and, for ``latest``, falls back to the newest 
 naming the ones skipped. Markers without checksums (older saves) load unverified.
 Rank 0 also writes ``run.json`` (model config, objective, parameter shapes, world size, ZeRO stage):
 a resume compares it with the current run before DeepSpeed loads anything.
+
+A checkpoint saved on another number of ranks (ZeRO stage 1-3) is converted once to DeepSpeed's
+universal format in ``stepNNNNNNNN_universal`` next to it (built in a temporary folder, renamed
+into place, with its own checksummed marker) and loaded from there; the data-stream position is
+carried over by samples (``remap_data_position``): see docs/resume.md.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 TAG = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
 SIGNATURE = "run.json"
+UNIVERSAL = "_universal"  # stepNNNNNNNN_universal: that tag converted by ds_to_universal
 
 
 class CheckpointError(RuntimeError):
@@ -165,22 +171,87 @@ def damage(tag_dir: Path) -> str | None:
     return None
 
 
-def check_world_size(tag_dir: Path, world_size: int) -> None:
-    """Refuse, before DeepSpeed's load, a checkpoint saved on another number of ranks: ZeRO's
-    optimizer state and the trainer's data-stream positions are per rank (DeepSpeed 0.19.8 raises
-    ZeRORuntimeException on every rank). Say exactly how to resume it."""
+def saved_world_size(tag_dir: Path) -> tuple[int | None, int | None]:
+    """(world size, ZeRO stage) a checkpoint was saved with: from ``run.json``, else (older saves)
+    the number of ``trainer_rank*.json`` files and an unknown stage."""
     path = tag_dir / SIGNATURE
     if path.exists():
-        saved = json.loads(path.read_text()).get("world_size")
-    else:  # an older save: one trainer file per rank
-        saved = len(list(tag_dir.glob("trainer_rank*.json"))) or None
-    if saved is None or saved == world_size:
-        return
-    raise CheckpointError(
-        f"checkpoint {tag_dir} was saved on {saved} rank(s); this run has {world_size}. Resuming on another world "
-        f"size is not supported yet (ZeRO's optimizer partitions and each rank's data-stream position belong to "
-        f"the saved ranks): rerun with {saved} rank(s) (deepspeed --num_gpus {saved} mlip_ds/train.py ..., or "
-        f"{saved} SLURM tasks), or start a new --out-dir")
+        saved = json.loads(path.read_text())
+        return saved.get("world_size"), saved.get("zero_stage")
+    return len(list(tag_dir.glob("trainer_rank*.json"))) or None, None
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Rank 0: DeepSpeed's ``ds_to_universal`` of ``tag`` into ``<tag>_universal`` (reused when
+    already there and intact). Written under a temporary name and renamed: a kill leaves no
+    half-converted folder that looks finished. Returns the universal tag. Same as
+
+        python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state \\
+            --input_folder CKPT/stepN --output_folder CKPT/stepN_universal
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    utag = tag + UNIVERSAL
+    out = ckpt_dir / utag
+    if (out / COMPLETE).exists() and damage(out) is None:
+        log.info("using the universal checkpoint %s converted earlier", out)
+        return utag
+    shutil.rmtree(out, ignore_errors=True)
+    for leftover in ckpt_dir.glob(f".{utag}.tmp*"):  # a conversion that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    work = ckpt_dir / f".{utag}.tmp{os.getpid()}"
+    work.mkdir()
+    # ds_to_universal writes 'latest_universal' next to its output folder: here, inside ``work``.
+    args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(work / utag),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - any failure of the converter is reported with its cause
+        shutil.rmtree(work, ignore_errors=True)
+        raise CheckpointError(f"could not convert checkpoint {ckpt_dir / tag} to DeepSpeed's universal format "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    log.debug("ds_to_universal: %s", printed.getvalue())
+    for name in (SIGNATURE,):
+        if (ckpt_dir / tag / name).exists():
+            shutil.copy2(ckpt_dir / tag / name, work / utag / name)
+    atomic_write_text(work / utag / COMPLETE, json.dumps({"files": file_digests(work / utag)}, indent=1))
+    os.replace(work / utag, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return utag
+
+
+def remap_data_position(client_state: dict, saved_world: int, world: int, micro_batch: int, accum: int) -> dict:
+    """The epoch's position on a new world size, kept in samples: the saved ranks had read
+    ``micro_in_epoch`` micro-batches each, ``micro_in_epoch x saved global micro-batch`` samples of
+    the epoch; the new ranks start at the micro-batch that count reaches with the new global
+    micro-batch (rounded down to a whole optimizer step), so the epoch still ends after the same
+    number of samples. The step, the LR schedule's position and ``samples_seen`` carry over as they
+    are. Each (rank, stream) of ranks that existed before continues where it stopped (its
+    ``trainer_rank<r>.json``); ranks that did not exist start their streams at 0. docs/resume.md
+    says what that means for samples seen twice."""
+    ds_saved = client_state.get("ds_config") or {}
+    saved_micro = int(ds_saved.get("train_micro_batch_size_per_gpu") or micro_batch)
+    saved_accum = int(ds_saved.get("gradient_accumulation_steps") or accum)
+    consumed = int(client_state.get("micro_in_epoch", 0)) * saved_micro * saved_world
+    new_micro = consumed // (micro_batch * world)
+    new_micro -= new_micro % accum
+    if saved_micro * saved_accum * saved_world != micro_batch * accum * world:
+        log.warning("the global batch changed from %d (%d ranks x %d x %d accumulation) to %d (%d x %d x %d): "
+                    "the step count and the LR schedule's position carry over, but a step now holds another "
+                    "number of samples (keep --batch-size x --grad-accum x ranks the same for an exact "
+                    "continuation of the schedule)", saved_micro * saved_accum * saved_world, saved_world,
+                    saved_micro, saved_accum, micro_batch * accum * world, world, micro_batch, accum)
+    log.info("world size %d -> %d: %d samples of epoch %s were read; continuing at micro-batch %d of the epoch "
+             "(%d samples again from rounding to a whole step)", saved_world, world, consumed,
+             client_state.get("epoch"), new_micro, consumed - new_micro * micro_batch * world)
+    return {**client_state, "micro_in_epoch": new_micro, "resumed_world_size_from": saved_world}
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int,
@@ -188,8 +259,13 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     """Collective: every rank calls it."""
     rank = dist.get_rank()
     tag = tag_for(step)
-    if rank == 0 and (ckpt_dir / tag / COMPLETE).exists():  # saved again (after a resume): not complete until done
-        (ckpt_dir / tag / COMPLETE).unlink()
+    if rank == 0 and (ckpt_dir / tag).exists():  # saved again (after a resume): not complete until done
+        (ckpt_dir / tag / COMPLETE).unlink(missing_ok=True)
+        # Files of the old save that this one does not rewrite (other ranks after a world-size
+        # change) would be mixed in: start the folder afresh, and its universal copy with it.
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / (tag + UNIVERSAL), ignore_errors=True)
+    dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     atomic_write_text(ckpt_dir / tag / f"trainer_rank{rank}.json", json.dumps({**rank_state, "rng": rng_state()}))
     if rank == 0 and signature is not None:
@@ -205,6 +281,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
         for partial in ckpt_dir.iterdir():  # leftovers of saves that were killed
             if TAG.match(partial.name) and not (partial / COMPLETE).exists() and partial.name < tag:
                 shutil.rmtree(partial, ignore_errors=True)
+            elif partial.name.endswith(UNIVERSAL) and not (ckpt_dir / partial.name[:-len(UNIVERSAL)]).is_dir():
+                shutil.rmtree(partial, ignore_errors=True)  # its checkpoint was removed
     dist.barrier()
 
 
@@ -271,15 +349,44 @@ def resume(engine, ckpt_dir: Path, which: str, signature: dict | None = None) ->
     if tag is None:
         log.info("no checkpoint in %s yet: starting from scratch", ckpt_dir)
         return None
+    saved_world, saved_stage, load_tag = None, None, tag
     if signature is not None:
         check_signature(ckpt_dir / tag, signature)
-        check_world_size(ckpt_dir / tag, signature["world_size"])
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        saved_world, saved_stage = saved_world_size(ckpt_dir / tag)
+        if saved_world == signature["world_size"]:
+            saved_world = None
+    if saved_world is not None and (saved_stage or 0) >= 1:
+        # ZeRO's optimizer partitions belong to the saved ranks: load through the universal format.
+        choice = [None, None]
+        if dist.get_rank() == 0:
+            log.info("checkpoint %s was saved on %d rank(s), this run has %d: converting it to DeepSpeed's "
+                     "universal format", ckpt_dir / tag, saved_world, signature["world_size"])
+            try:
+                choice = [convert_to_universal(ckpt_dir, tag), None]
+            except CheckpointError as e:
+                choice = [None, f"{e}. Resume it on {saved_world} rank(s) as it was saved (deepspeed --num_gpus "
+                                f"{saved_world} mlip_ds/train.py ..., or {saved_world} SLURM tasks), or start a "
+                                "new --out-dir"]
+        dist.broadcast_object_list(choice, src=0)
+        load_tag, error = choice
+        if error:
+            raise CheckpointError(error)
+    universal = load_tag != tag
+    engine._config.load_universal_checkpoint = universal  # DeepSpeed reads it at load time only
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rank_file = ckpt_dir / tag / f"trainer_rank{dist.get_rank()}.json"
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
+    client_state = client_state or {}
+    rank_file = ckpt_dir / tag / f"trainer_rank{dist.get_rank()}.json"  # absent for a rank that is new
     rank_state = json.loads(rank_file.read_text()) if rank_file.exists() else {}
     if "rng" in rank_state:
         set_rng_state(rank_state["rng"])
-    log.info("resumed from %s", ckpt_dir / tag)
-    return client_state or {}, rank_state
+    if saved_world is not None:
+        client_state = remap_data_position(client_state, saved_world, signature["world_size"],
+                                           engine.train_micro_batch_size_per_gpu(),
+                                           engine.gradient_accumulation_steps())
+    log.info("resumed from %s%s", ckpt_dir / tag, f" (through {load_tag})" if universal else "")
+    return client_state, rank_state

@@ -76,8 +76,11 @@ if [ -n "$VENV" ]; then
   . "$VENV/bin/activate"
 fi
 
-# Ranks come from SLURM; the rendezvous is the first node of the allocation.
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)"
+# Ranks come from SLURM; the rendezvous is the first node of the allocation, at the address SLURM
+# itself reaches it by (its NodeAddr; the node name where NodeAddr is not set or not shown).
+MASTER_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)"
+MASTER_ADDR="$(scontrol show node -o "$MASTER_NODE" 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p' || true)"
+MASTER_ADDR="${MASTER_ADDR:-$MASTER_NODE}"
 MASTER_PORT="${MLIP_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 export MASTER_ADDR MASTER_PORT
