@@ -42,7 +42,8 @@ def test_step_flops_match_torchs_count_at_vit_b16(objective):
     cfg, spec = load_model_config("vit-b16"), objective_preset(objective)
     model, inputs = model_and_inputs(cfg, spec, 64)
     counted = count_flops(lambda: training_step(model, spec, inputs, ema=False))
-    analytic = gpu_check.step_flops(cfg, 64, 1, objective)
+    swapped = inputs["swap_rows"].numel() / 64 if objective == "mlip" else 0.5  # what the batch's swap changed
+    analytic = gpu_check.step_flops(cfg, 64, 1, objective, swapped_fraction=swapped)
     if objective == "clip":
         assert counted == pytest.approx(analytic, rel=0.005)
     else:
@@ -51,17 +52,57 @@ def test_step_flops_match_torchs_count_at_vit_b16(objective):
 
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "8",
+    """Every row kind on CPU at tiny sizes: the in-memory references (bare loop, DDP) and the engine
+    with the default config (profiled), then the trainer (2 ranks), in the order a GPU runs them."""
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "6",
                         "--batch-size", "8", "--ranks", "2", "--workers", "1", "--samples", "128",
                         "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=train_env(),
                        capture_output=True, text=True, timeout=400)
-    assert "| clip | fp32 |" in r.stdout and "| mlip | fp32 |" in r.stdout and "compile" not in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "MFU" in r.stdout
+    out = r.stdout[-3000:] + r.stderr[-3000:]
+    assert "| clip | fp32 |" in r.stdout and "| mlip | fp32 |" in r.stdout and "compile" not in r.stdout, out
+    assert "| bare/clip | bf16 autocast |" in r.stdout and "| engine/clip | bf16 (DeepSpeed) |" in r.stdout, out
+    assert "MFU" in r.stdout and "first step (s)" in r.stdout and "| profiled row |" in r.stdout
     import json
-    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]  # written after each variant
-    assert [row["variant"] for row in rows] == ["clip", "mlip"] and all(row["samples_per_s"] > 0 for row in rows)
-    # exit 0 only if losses were finite and decreasing; at 8 steps a decrease is likely but not certain
-    assert r.returncode in (0, 1) and "losses finite and decreasing in every variant" in r.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]  # written after each row
+    assert [row["variant"] for row in rows] == list(gpu_check.CPU_ROWS), out
+    assert all(row["samples_per_s"] > 0 and row["first_step_s"] > 0 for row in rows), rows
+    profile = next(row["profile"] for row in rows if row["variant"] == "engine/clip")
+    assert profile["host_ms_backward"] > 0 and profile["host_ms_step"] > 0 and profile["gpu_idle"] is None
+    # exit 0 only if losses were finite and decreasing; at 6 steps a decrease is likely but not certain
+    assert r.returncode in (0, 1) and "losses finite in every row" in r.stdout
+
+
+def test_a_row_over_its_budget_is_a_failed_row_not_the_end(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "4",
+                        "--batch-size", "4", "--rows", "bare/clip,ddp/clip", "--row-budget-scale", "0.03",
+                        "--out", str(tmp_path)], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| bare/clip | failed: bare/clip: over its 1 s budget" in r.stdout, r.stdout[-2000:]
+    assert "| ddp/clip | failed: ddp/clip: over its 1 s budget" in r.stdout
+
+
+def test_profile_summary_on_cpu():
+    """The profiler summary's fields, on a toy step (no GPU: no kernels, idle fraction n/a)."""
+    import torch
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = type("Step", (), {"forward": staticmethod(lambda: model(torch.randn(4, 8)).square().mean()),
+                             "backward": staticmethod(lambda loss: loss.backward()),
+                             "step": staticmethod(lambda: (opt.step(), opt.zero_grad()))})
+    p = gpu_check.profile_steps(step, "cpu", steps=2)
+    assert p["steps"] == 2 and p["gpu_idle"] is None and p["kernels_per_step"] is None
+    assert all(p[f"host_ms_{phase}"] > 0 for phase in ("forward", "backward", "step")), p
+
+
+def test_rows_fit_the_nine_minutes():
+    """Every default GPU row but the compile rows (which get what is left) fits the check's budget; the
+    check stops starting rows at it and kills a row at its own, so the table comes within 9 minutes."""
+    rows = gpu_check.CUDA_ROWS
+    assert sum(gpu_check.row_budget(r) for r in rows if "compile" not in r) + 60 <= gpu_check.BUDGET_S <= 500
+    assert rows[-1] == "mlip+compile" and {"bare/clip", "ddp/clip", "engine/clip", "engine/mlip", "clip",
+                                           "mlip", "clip+compile"} <= set(rows)
+    assert "timeout 530 " in (ROOT / "tools" / "gpu_check.sh").read_text()
 
 
 def test_sync_audit_counts_syncs_per_step_on_cuda():

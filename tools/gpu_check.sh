@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared call on a lent GPU (H100/H200): at most ~8 minutes, nothing downloaded.
+# One prepared call on a lent GPU (H100/H200): at most 9 minutes, nothing downloaded.
 # Prints the table described in tools/gpu_check.py. Extra arguments go to gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +26,4 @@ df -h /dev/shm | tail -1   # the loader's hand-over space (gpu_check.py fits its
   deepspeed.__version__, "open_clip", open_clip.__version__, "transformers", transformers.__version__)'
 JSON=()
 [ -n "${OUT:-}" ] && JSON=(--json "$OUT/gpu_check.json")
-timeout 470 "$PY" tools/gpu_check.py "${JSON[@]}" "$@"
+timeout 530 "$PY" tools/gpu_check.py "${JSON[@]}" "$@"
