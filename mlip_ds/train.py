@@ -328,12 +328,14 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
             if nan_check == "sync":
-                # The loss is read on the host (one sync, one small all-reduce per micro-step with the
-                # stop flag): every rank agrees to skip a non-finite micro-step, so none waits in a
+                # Both flags are built on the device (the stop flag by a fill, no host-to-device copy),
+                # reduced in one all-reduce and read with one ``tolist()``: the one host sync per
+                # micro-step. Every rank agrees to skip a non-finite micro-step, so none waits in a
                 # collective the others skipped. Exact, and free on CPU.
-                flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)], device=device)
+                bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+                flags = torch.stack([bad, bad.new_full((), float(stop.requested))])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                skip, stop_now = bool(flags[0] > 0), bool(flags[1] > 0)
+                skip, stop_now = (v > 0 for v in flags.tolist())
             else:
                 # DeepSpeed's gradient-overflow check (bf16/fp16) drops the whole optimizer step on
                 # every rank; here only the co-occurrence table is guarded, on the device. The stop
