@@ -17,6 +17,7 @@ def _plain_python(args, env=None, timeout=240):
     return subprocess.run(cmd, cwd=ROOT, env=env or train_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_plain_python_without_launcher_trains_as_one_process(synthetic_shards, tmp_path):
     out = tmp_path / "plain"
     r = _plain_python(["--train-shards", synthetic_shards["train"], "--out-dir", out, "--batch-size", "4",
@@ -54,6 +55,7 @@ def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_batch_size_zero_is_one_clear_error_before_any_rank_trains(synthetic_shards, tmp_path):
     """Tried as a new user would: it ended in a ZeroDivisionError traceback from every rank."""
     r = _launcher(["--train-shards", synthetic_shards["train"], "--out-dir", tmp_path / "b0", "--batch-size", "0",
@@ -86,6 +88,7 @@ def test_flag_ranges_come_from_the_config_metadata():
         assert want in got, (want, got)
 
 
+@pytest.mark.slow
 def test_global_batch_that_the_world_size_does_not_divide(synthetic_shards, tmp_path):
     from mlip_ds.config import TrainConfig
     from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config
@@ -110,6 +113,7 @@ def test_global_batch_that_the_world_size_does_not_divide(synthetic_shards, tmp_
     assert "DeepSpeed info" not in r.stdout + r.stderr  # before deepspeed.initialize
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_config_is_refused_with_the_keys_that_differ(synthetic_shards, tmp_path):
     out = tmp_path / "run"
     common = ["--train-shards", synthetic_shards["train"], "--out-dir", out, "--batch-size", "4",

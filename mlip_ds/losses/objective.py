@@ -30,7 +30,9 @@ class ObjectiveConfig:
     # global / false negatives
     false_negatives: str = field(default="drop", metadata={
         "help": "same-knowledge-category pairs in the global loss: 'off' (plain InfoNCE), 'drop' or 'soft'"})
-    false_negative_match: str = field(default="exact", metadata={"help": "'exact' category set or 'overlap'"})
+    false_negative_match: str = field(default="overlap", metadata={
+        "help": "which pairs share a knowledge category: 'overlap' (any affirmed finding in common; measured "
+                "best, docs/ablation.md) or 'exact' (the same set of findings)"})
     soft_weight: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "target weight of a same-category pair ('soft')"})
     # divergence encoders
     ema_m0: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA momentum at step 0 (cosine rise)"})
