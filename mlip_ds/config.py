@@ -65,7 +65,8 @@ class OptimConfig:
     beta1: float = field(default=0.9, metadata={"min": 0, "lt": 1})
     beta2: float = field(default=0.98, metadata={"min": 0, "lt": 1})
     eps: float = field(default=1e-6, metadata={"gt": 0})
-    warmup_steps: int = field(default=10, metadata={"min": 0, "help": "linear warm-up steps before the cosine decay"})
+    warmup_steps: int = field(default=10, metadata={
+        "min": 1, "help": "linear warm-up steps before the cosine decay (DeepSpeed's WarmupCosineLR needs at least 1)"})
     grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "gradient-norm clipping (0: off)"})
     grad_accum: int = field(default=1, metadata={"min": 1, "help": "gradient accumulation steps"})
     adam_impl: str = field(default="auto", metadata={
