@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import deepspeed
 import torch.distributed as dist
+
+from mlip_ds.launch import free_port
 
 SHM_DIR = "/dev/shm"
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -22,12 +23,6 @@ def init_distributed() -> None:
     single_process_env()
     deepspeed.init_distributed()
     release_shm_buffers()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process_env(environ=None) -> bool:

@@ -1,20 +1,16 @@
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from mlip_ds import launch
+from mlip_ds.launch import deepspeed_cmd, free_port  # noqa: F401  (the tests import them from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +37,8 @@ def synthetic_shards(tmp_path_factory):
 
 
 def train_env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def deepspeed_cmd(args, ranks=2, ds_config="zero2.json", port=None):
-    """The user's command: deepspeed --num_gpus N mlip_ds/train.py --deepspeed_config ... ARGS."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(port or free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config",
-            str(ROOT / "ds_configs" / ds_config)] + [str(a) for a in args]
+    """The launch environment (mlip_ds/launch.py), on the CPU with one thread whatever the machine."""
+    return launch.train_env(**{"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra})
 
 
 def read_train_log(out_dir):

@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from mlip_ds.launch import deepspeed_cmd, train_env  # noqa: E402
 
 
 def load_avg() -> str:
@@ -103,19 +104,10 @@ def machine_line(begun: dict, load_end: str | None = None) -> str:
     return f"machine: {machine(begun['load_start'])}; load avg at end {load_end or load_avg()}; {begun['note']}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_env(**extra) -> dict:
-    """One thread per process, CPU accelerator, no inherited torch.distributed variables."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
+    """The launch environment (``mlip_ds.launch.train_env``: one thread per process unless set, no
+    inherited launcher variables) on the CPU accelerator, tokenizers single-threaded."""
+    return train_env(**{"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **extra})
 
 
 def show(cmd: list[str]) -> str:
@@ -154,13 +146,11 @@ def shard_files(shards: Path) -> list[Path]:
 def ours_cmd(objective: str, shards: Path, out: Path, *, model: str, batch_size: int, steps: int, ranks: int,
              workers: int, ds_config: str = "zero2.json", extra: tuple[str, ...] = ()) -> list[str]:
     """``deepspeed --num_gpus R mlip_ds/train.py ...`` for ``steps`` optimizer steps, logging every step."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config",
-            str(ROOT / "ds_configs" / ds_config), "--train-shards", str(shards), "--out-dir", str(out),
-            "--model", model, "--objective", objective, "--batch-size", str(batch_size),
-            "--max-steps", str(steps), "--samples-per-epoch", str(batch_size * ranks * (steps + 1)),
-            "--log-every", "1", "--workers", str(workers), "--save-every", "0", "--keep-last", "1",
-            *extra]
+    return deepspeed_cmd(["--train-shards", shards, "--out-dir", out, "--model", model, "--objective", objective,
+                          "--batch-size", batch_size, "--max-steps", steps,
+                          "--samples-per-epoch", batch_size * ranks * (steps + 1), "--log-every", 1,
+                          "--workers", workers, "--save-every", 0, "--keep-last", 1, *extra],
+                         ranks=ranks, ds_config=ds_config)
 
 
 def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> float:

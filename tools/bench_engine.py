@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, machine_line, median,  # noqa: E402
-                          run_logged, show, table, work_dir)
+from bench_common import (ROOT, add_common_args, begin, bench_env, machine_line, median, run_logged,  # noqa: E402
+                          show, table, work_dir)
+
+from mlip_ds.launch import deepspeed_cmd  # noqa: E402
 
 SYSTEMS = ("ddp", "zero0", "zero2", "zero2+flags")
 
@@ -126,10 +128,9 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for system in systems:
             out = work / f"{system}-{r}.json"
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-                   "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", system,
-                   "--out", str(out), "--model", args.model, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            cmd = deepspeed_cmd(["--worker", system, "--out", out, "--model", args.model, "--batch-size",
+                                 args.batch_size, "--steps", args.steps, "--warmup", args.warmup],
+                                ranks=args.ranks, ds_config=None, script=Path(__file__).resolve())
             cmds.setdefault(system, show(cmd))
             run_logged(cmd, work / f"{system}-{r}.log", timeout=3600, env=bench_env())
             res = json.loads(out.read_text())

@@ -44,9 +44,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, load_avg,  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, bench_env, load_avg,  # noqa: E402
                           machine_line, make_synthetic_shards, median, ours_cmd, ours_rates,
                           run_logged, shard_files, show, table, work_dir)
+
+from mlip_ds.launch import free_port  # noqa: E402
 
 SYSTEMS = ("ours-clip", "ours-clip-zero0", "open_clip", "ours-mlip")
 LABEL = {"ours-clip": "ours, --objective clip (DeepSpeed ZeRO-2)",

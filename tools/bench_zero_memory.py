@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, bench_env, free_port, load_avg,  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, bench_env, load_avg,  # noqa: E402
                           machine_line, run_logged, show, table, work_dir)
+
+from mlip_ds.launch import deepspeed_cmd  # noqa: E402
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -140,9 +142,9 @@ def main(argv=None) -> None:
     for stage in stages:
         name = label = f"stage{stage}"
         out = work / name
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port",
-               str(free_port()), str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--model",
-               args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--out", str(out)]
+        cmd = deepspeed_cmd(["--worker", "--stage", stage, "--model", args.model, "--batch-size", args.batch_size,
+                             "--steps", args.steps, "--out", out],
+                            ranks=args.ranks, ds_config=None, script=Path(__file__).resolve())
         cmds[stage] = cmd
         wall = run_logged(cmd, work / f"{name}.log", args.timeout, bench_env())
         recs = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r["rank"])

@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mlip_ds.launch import deepspeed_cmd, train_env  # noqa: E402
+
 
 def matmul_peak_tflops(device: str) -> float:
     import torch
@@ -203,7 +205,7 @@ def run_memory(row: str, args, budget: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", row, "--model", args.model,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--row-budget", str(budget),
            "--launched", repr(launched)] + (["--profile"] if row == "engine/clip" and args.profile else [])
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
+    env = train_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:
@@ -244,19 +246,16 @@ def default_batch(device: str) -> int:
     return 256 if gib >= 120 else 128 if gib >= 60 else 64
 
 
-def run(variant: str, args, shards: Path, out: Path, port: int, budget: float = 1e9) -> dict:
+def run(variant: str, args, shards: Path, out: Path, port: int | None = None, budget: float = 1e9) -> dict:
     """Train one variant (an objective, ``+compile`` for torch.compile) in its own DeepSpeed launch."""
     objective, compiled = variant.split("+")[0], variant.endswith("+compile")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(port),
-           str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", str(ROOT / "ds_configs" / "zero2.json"),
-           "--train-shards", str(shards), "--out-dir", str(out), "--model", args.model,
-           "--objective", objective, "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-           "--samples-per-epoch", str(args.batch_size * args.ranks * args.steps * 4),
-           "--log-every", str(log_every(args.steps)), "--sync-debug",  # syncs counted on CUDA
-           "--workers", str(args.workers), "--warmup-steps", "2", "--lr", "2e-4",
-           "--save-every", "0"] + (["--compile"] if compiled else []) + args.extra
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
+    cmd = deepspeed_cmd(["--train-shards", shards, "--out-dir", out, "--model", args.model, "--objective", objective,
+                         "--batch-size", args.batch_size, "--max-steps", args.steps,
+                         "--samples-per-epoch", args.batch_size * args.ranks * args.steps * 4,
+                         "--log-every", log_every(args.steps), "--sync-debug",  # syncs counted on CUDA
+                         "--workers", args.workers, "--warmup-steps", 2, "--lr", "2e-4", "--save-every", 0]
+                        + (["--compile"] if compiled else []) + args.extra, ranks=args.ranks, port=port)
+    env = train_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
     t0 = time.time()
     logfile, first_log = out / "train_log.jsonl", None
     logfile.unlink(missing_ok=True)
@@ -383,7 +382,7 @@ def main() -> None:
              f"per device ({'bf16' if device == 'cuda' else 'fp32'}), torch {torch.__version__}")
     print(f"\n{title}\n\n{HEADER}", flush=True)
     rows = []
-    for i, variant in enumerate(rows_wanted):
+    for variant in rows_wanted:
         left = args.budget_s - (time.time() - started)
         budget = min(row_budget(variant) * args.row_budget_scale, left)
         try:
@@ -393,8 +392,7 @@ def main() -> None:
             if variant in MEMORY_ROWS:
                 res, ranks = run_memory(variant, args, budget), 1
             else:
-                res = run(variant, args, shards, out / variant.replace("+", "_"), port=29500 + 11 * (i + 1),
-                          budget=budget)
+                res = run(variant, args, shards, out / variant.replace("+", "_"), budget=budget)
                 ranks = args.ranks
             flops = step_flops(model_cfg, args.batch_size, ranks, objective)
             row = {"variant": variant, "mfu": flops / res["step_s"] / (peak * 1e12 * ranks), **res}

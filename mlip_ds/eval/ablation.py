@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mlip_ds.launch import deepspeed_cmd, train_env
 from mlip_ds.losses.objective import TERMS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,18 +288,10 @@ def _abs(path) -> str:
     return path if "{" in path or os.path.isabs(path) else os.path.abspath(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_command(s: Settings, variant: str, seed: int) -> list[str]:
     """``deepspeed --num_gpus R mlip_ds/train.py --deepspeed_config CFG ARGS`` (the launcher run as
     ``python -m deepspeed.launcher.runner``, which is what the ``deepspeed`` script does)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(s.ranks), "--master_port",
-            str(_free_port()), str(ROOT / "mlip_ds" / "train.py"), "--deepspeed_config", str(ds_config_path(s))] \
-        + train_args(s, variant, seed)
+    return deepspeed_cmd(train_args(s, variant, seed), ranks=s.ranks, ds_config=ds_config_path(s))
 
 
 def shown_command(cmd: Sequence[str]) -> str:
@@ -319,19 +311,6 @@ def probe_command(s: Settings, encoder: str, out: Path, task: ProbeTask | None =
             "--train-data", _abs(task.train), "--test-data", _abs(task.test), "--out", _abs(out),
             "--fractions", ",".join(f"{f:g}" for f in s.fractions),
             "--seeds", ",".join(map(str, s.probe_seeds)), "--workers", str(s.probe_workers), "--no-progress"]
-
-
-def run_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    if "DS_ACCELERATOR" not in env:
-        import torch
-        if not torch.cuda.is_available():
-            env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +345,7 @@ def _run_logged(cmd: list[str], log_path: Path, what: str) -> float:
     with open(log_path, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown_command(cmd)}\n")
         log.flush()
-        r = subprocess.run(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT,
+        r = subprocess.run(cmd, cwd=ROOT, env=train_env(), stdout=log, stderr=subprocess.STDOUT,
                            preexec_fn=_die_with_parent)
     if r.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
