@@ -649,7 +649,7 @@ def split_records(records: Sequence[Record], test_fraction: float, seed: int = 0
 def fraction_indices(records: Sequence[Record], fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded ``fraction`` of the records, stratified by ``positive`` (>= 1 of
     each kind present); all indices for fraction >= 1. Different seeds give different subsets."""
-    from mlip_ds.eval.linear_probe import fraction_count, stratified_subsample
+    from mlip_ds.eval.common import fraction_count, stratified_subsample
 
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

@@ -303,12 +303,12 @@ def run_cli(args) -> tuple[dict, str]:
     from mlip_ds.downstream.backbones import BackboneError, load_visual, tower_kind
     from mlip_ds.downstream.datasets import TransferDataset, describe, fraction_indices
     from mlip_ds.downstream.engine import TrainingError, resolve_device
-    from mlip_ds.eval.linear_probe import ProbeError, parse_encoder_spec
+    from mlip_ds.eval.common import EvalError, parse_encoder_spec
 
     task = args.task
     try:
         encoders = [parse_encoder_spec(s) for s in args.encoder]
-    except ProbeError as exn:
+    except EvalError as exn:
         raise TransferError(str(exn)) from None
     names = [e[0] for e in encoders]
     if len(set(names)) != len(names):

@@ -365,9 +365,8 @@ def save_classifier(out_dir: str, *, export_dir: str, encoder: torch.nn.Module, 
 
 
 def _clean(o):
-    from mlip_ds.eval.linear_probe import _clean_nan
-    return json.loads(json.dumps(_clean_nan(o), default=lambda x: x.item() if isinstance(x, np.generic)
-                                 else x.tolist() if isinstance(x, np.ndarray) else str(x)))
+    from mlip_ds.eval.common import clean_nan, json_default
+    return json.loads(json.dumps(clean_nan(o), default=json_default))
 
 
 def build_image_encoder(model_config: dict, embedding: bool = False) -> torch.nn.Module:

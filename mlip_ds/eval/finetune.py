@@ -43,12 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlip_ds.eval.linear_probe import (DEFAULT_FRACTIONS, _mean_std,
-                                       format_markdown, fraction_count, fraction_key, parse_encoder_spec,
-                                       stratified_subsample)
-from mlip_ds.eval.zero_shot import EvalError, safe_name
-
-DEFAULT_SEEDS = (0, 1, 2)
+from mlip_ds.eval.common import (DEFAULT_FRACTIONS, DEFAULT_SEEDS, EvalError, add_labelled_data_args,
+                                 eval_main, fraction_count, fraction_key, mean_std, parse_labelled_data_args,
+                                 stratified_subsample, write_json_and_markdown)
+from mlip_ds.eval.linear_probe import format_markdown
+from mlip_ds.eval.zero_shot import safe_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,14 +329,14 @@ def run_finetune(export_dir: str, Xtr: torch.Tensor, Ytr: torch.Tensor, Xte: tor
     summary = {}
     for f in fractions:
         fk = fraction_key(f)
-        per_label = {n: _mean_std([r["metric"] for r in rows if r["fraction"] == f and r["label"] == n])
+        per_label = {n: mean_std([r["metric"] for r in rows if r["fraction"] == f and r["label"] == n])
                      for n in label_names}
         per_seed_means, n_used = [], []
         for s in seeds:
             vals = [r["metric"] for r in rows if r["fraction"] == f and r["seed"] == s and r["metric"] is not None]
             per_seed_means.append(float(np.mean(vals)) if vals else None)
             n_used.append(len(vals))
-        mean = _mean_std(per_seed_means)
+        mean = mean_std(per_seed_means)
         mean["n_labels"] = n_used
         summary[fk] = {"per_label": per_label, "mean_over_labels": mean}
     result = {
@@ -360,7 +359,6 @@ def write_reports(results_by_encoder: dict, out_dir: str, extra: dict | None = N
     md = format_markdown(results_by_encoder, digits=digits, title="Full fine-tuning")
     payload = dict(extra or {})
     payload["encoders"] = results_by_encoder
-    from mlip_ds.eval.cli import write_json_and_markdown
     json_path, md_path = write_json_and_markdown(out_dir, "finetune", payload, md)
     return json_path, md_path, md
 
@@ -374,17 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlip_ds.eval.finetune",
         description="Full fine-tuning of exported image encoders (linear head + unfrozen encoder) at "
                     "1/10/100%% of the training labels; the reference for the linear probe.")
-    p.add_argument("--encoder", action="append", required=True, metavar="NAME=[random:]EXPORT_DIR",
-                   help="an encoder to fine-tune (repeatable); 'random:' = same architecture, random init")
-    p.add_argument("--train-data", required=True, help="shard dir / brace pattern / .csv / class-folder tree")
-    p.add_argument("--test-data", required=True)
-    p.add_argument("--train-split", default=None)
-    p.add_argument("--test-split", default=None)
-    p.add_argument("--labels", default=None, help="comma-separated label names (default as in the probe)")
-    p.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"])
-    p.add_argument("--missing", default="zeros", choices=["zeros", "ignore"])
-    p.add_argument("--fractions", default="0.01,0.1,1.0")
-    p.add_argument("--seeds", default="0,1,2")
+    add_labelled_data_args(p, "fine-tune")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--min-steps", type=int, default=100, help="at least this many steps per run (small fractions)")
     p.add_argument("--max-steps", type=int, default=0, help="at most this many steps per run (0 = no cap)")
@@ -406,35 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list(s: str, typ, what: str) -> list:
-    try:
-        out = [typ(x.strip()) for x in s.split(",") if x.strip()]
-    except ValueError as exn:
-        raise EvalError(f"{what}: cannot parse {s!r}") from exn
-    if not out:
-        raise EvalError(f"{what}: empty list")
-    return out
-
-
 def run_cli(args):
     from mlip_ds.eval.datasets import DataPathError, open_labelled_dataset
     from mlip_ds.eval.zero_shot import resolve_device
     from mlip_ds.export import read_export_config
 
-    for path, what in ((args.train_data, "--train-data"), (args.test_data, "--test-data")):
-        if "{" not in path and not os.path.exists(path):
-            raise EvalError(f"{what} not found: {path}")
-    encoders = [parse_encoder_spec(s) for s in args.encoder]
+    encoders, fractions, seeds, labels = parse_labelled_data_args(args)
     for name, path, _ in encoders:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise EvalError(f"export dir of encoder '{name}' not found or not an export (no config.json): {path}")
-    if len({e[0] for e in encoders}) != len(encoders):
-        raise EvalError(f"duplicate encoder names: {[e[0] for e in encoders]}")
-    fractions = _list(args.fractions, float, "--fractions")
-    if any(not 0 < f <= 1 for f in fractions):
-        raise EvalError(f"--fractions must be in (0, 1], got {fractions}")
-    seeds = _list(args.seeds, int, "--seeds")
-    labels = _list(args.labels, str, "--labels") if args.labels else None
     device = resolve_device(args.device)
     from mlip_ds.eval.classifier import check_classifier_args
     check_classifier_args(args, EvalError)
@@ -506,7 +474,6 @@ def run_cli(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mlip_ds.eval.cli import eval_main
     return eval_main("finetune", build_parser, run_cli, argv)
 
 

@@ -34,7 +34,6 @@ thresholds; ``mlip_ds/eval/classifier.py``) that ``python -m mlip_ds.eval.predic
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -43,61 +42,16 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mlip_ds.eval.common import (DEFAULT_FRACTIONS, DEFAULT_SEEDS, EvalError,  # noqa: F401  (re-exported)
+                                 add_labelled_data_args, eval_main, fraction_count, fraction_key, mean_std,
+                                 parse_encoder_spec, parse_labelled_data_args, stratified_subsample,
+                                 write_json_and_markdown)
+
 C_GRID = (0.01, 0.1, 1.0, 10.0)
-DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
-DEFAULT_SEEDS = (0, 1, 2)
 
 
-class ProbeError(RuntimeError):
+class ProbeError(EvalError):
     """A user-facing error of the probe CLI (bad path, bad argument); main() prints it and exits 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# subsampling
-
-
-def fraction_key(f: float) -> str:
-    return f"{float(f):g}"
-
-
-def fraction_count(fraction: float, n: int) -> int:
-    """``round(fraction * n)`` with halves rounded up (not banker's rounding), clipped to [0, n]."""
-    return int(min(n, max(0, math.floor(fraction * n + 0.5))))
-
-
-def stratified_subsample(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray | None, str | None]:
-    """Indices of a stratified subsample of integer class labels ``y``.
-
-    Size ``fraction_count(fraction, len(y))`` raised to the number of classes, at least one sample
-    per class present in ``y``. Returns ``(sorted indices, note)``; ``(None, reason)`` when ``y``
-    holds fewer than two classes. ``note`` is set when the size had to be raised.
-    """
-    y = np.asarray(y).astype(np.int64)
-    n_total = len(y)
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        return None, f"only one class ({classes.tolist()}) among {n_total} samples"
-    if fraction >= 1.0:
-        return np.arange(n_total), None
-    n = fraction_count(fraction, n_total)
-    note = None
-    if n < len(classes):
-        note = f"{fraction_key(fraction)} of {n_total} = {n} sample(s), raised to {len(classes)} (one per class)"
-        n = len(classes)
-    exact = counts * n / n_total
-    alloc = np.minimum(np.maximum(1, np.floor(exact)).astype(np.int64), counts)
-    while alloc.sum() < n:  # largest remainder first, among classes with samples left
-        room = alloc < counts
-        j = np.flatnonzero(room)[np.argmax((exact - alloc)[room])]
-        alloc[j] += 1
-    while alloc.sum() > n:  # only possible through the >= 1 floor: take from the most over-allocated
-        room = alloc > 1
-        j = np.flatnonzero(room)[np.argmax((alloc - exact)[room])]
-        alloc[j] -= 1
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(a), replace=False)
-                          for c, a in zip(classes, alloc)])
-    return np.sort(idx), note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,13 +127,6 @@ def fit_and_score(X_train, y_train, X_test, y_test, task: str = "binary", C="cv"
 
 # ---------------------------------------------------------------------------------------------
 # the probe over labels x fractions x seeds
-
-
-def _mean_std(values: Sequence[float]) -> dict:
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return {"mean": None, "std": None, "n_seeds": 0}
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n_seeds": len(v)}
 
 
 def run_probe(features_train: np.ndarray, labels_train: np.ndarray, features_test: np.ndarray,
@@ -285,14 +232,14 @@ def run_probe(features_train: np.ndarray, labels_train: np.ndarray, features_tes
         fk = fraction_key(f)
         per_label = {}
         for name in label_names:
-            per_label[name] = _mean_std([r["metric"] for r in rows if r["fraction"] == f and r["label"] == name])
+            per_label[name] = mean_std([r["metric"] for r in rows if r["fraction"] == f and r["label"] == name])
         per_seed_means = []
         for seed in seeds:
             vals = [r["metric"] for r in rows if r["fraction"] == f and r["seed"] == seed and r["metric"] is not None]
             per_seed_means.append(float(np.mean(vals)) if vals else None)
         n_labels_used = [sum(1 for r in rows if r["fraction"] == f and r["seed"] == s and r["metric"] is not None)
                          for s in seeds]
-        mean = _mean_std(per_seed_means)
+        mean = mean_std(per_seed_means)
         mean["n_labels"] = n_labels_used
         if any(n < len(label_names) for n in n_labels_used):
             note(f"{fk}: mean over labels uses only the labels that could be probed ({n_labels_used} of "
@@ -387,31 +334,12 @@ def format_markdown(results_by_encoder: Mapping[str, dict], digits: int = 3, tit
     return "\n".join(lines) + "\n"
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _clean_nan(o):
-    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean_nan(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean_nan(v) for v in o]
-    return o
-
-
 def write_reports(results_by_encoder: Mapping[str, dict], out_dir: str, extra: dict | None = None,
                   digits: int = 3) -> tuple[str, str, str]:
     """Write ``probe.json`` (all per-seed numbers + summaries) and ``probe.md``; return (json, md paths, markdown)."""
     md = format_markdown(results_by_encoder, digits=digits)
     payload = dict(extra or {})
     payload["encoders"] = {name: r for name, r in results_by_encoder.items()}
-    from mlip_ds.eval.cli import write_json_and_markdown
     json_path, md_path = write_json_and_markdown(out_dir, "probe", payload, md)
     return json_path, md_path, md
 
@@ -420,51 +348,12 @@ def write_reports(results_by_encoder: Mapping[str, dict], out_dir: str, extra: d
 # CLI
 
 
-def parse_encoder_spec(spec: str) -> tuple[str, str, bool]:
-    """``NAME=PATH`` / ``NAME=random:PATH`` / ``PATH`` / ``random:PATH`` -> (name, path, random_init)."""
-    name, sep, rest = spec.partition("=")
-    if not sep:
-        name, rest = spec, spec
-    random_init = rest.startswith("random:")
-    path = rest[len("random:"):] if random_init else rest
-    if not path:
-        raise ProbeError(f"--encoder {spec!r}: empty export path")
-    if not sep:
-        name = f"random-init({os.path.basename(os.path.normpath(path))})" if random_init \
-            else os.path.basename(os.path.normpath(path))
-    return name, path, random_init
-
-
-def _csv_list(s: str, typ, what: str) -> list:
-    try:
-        out = [typ(x.strip()) for x in s.split(",") if x.strip()]
-    except ValueError as exn:
-        raise ProbeError(f"{what}: cannot parse {s!r} ({exn})") from exn
-    if not out:
-        raise ProbeError(f"{what}: empty list")
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mlip_ds.eval.linear_probe",
         description="Linear-probe evaluation of frozen image encoders on a labelled CXR dataset "
                     "(WebDataset shard dir/pattern, CSV, or class-per-folder tree).")
-    p.add_argument("--encoder", action="append", required=True, metavar="NAME=[random:]EXPORT_DIR",
-                   help="an encoder to probe (repeatable). 'random:' = same architecture, random init.")
-    p.add_argument("--train-data", required=True, help="shard dir / brace pattern / .csv / class-folder tree")
-    p.add_argument("--test-data", required=True, help="same kinds as --train-data")
-    p.add_argument("--train-split", default=None, help="CSV only: keep rows whose 'split' column equals this")
-    p.add_argument("--test-split", default=None, help="CSV only: keep rows whose 'split' column equals this")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated label names (default: manifest label_names for shards, "
-                        "all 1/0/-1 columns for a CSV; ignored for a folder tree)")
-    p.add_argument("--uncertain", default="ones", choices=["ones", "zeros", "ignore"],
-                   help="policy for uncertain (-1) labels (default: ones = U-Ones)")
-    p.add_argument("--missing", default="zeros", choices=["zeros", "ignore"],
-                   help="a label absent from a sample / blank CSV cell: negative (default) or masked")
-    p.add_argument("--fractions", default="0.01,0.1,1.0", help="training-set fractions (default 0.01,0.1,1.0)")
-    p.add_argument("--seeds", default="0,1,2", help="subsampling seeds (default 0,1,2)")
+    add_labelled_data_args(p, "probe")
     p.add_argument("--C", default="cv", help="logistic-regression C, or 'cv' to pick from %s by 3-fold CV "
                                              "on the training subsample (default)" % (C_GRID,))
     p.add_argument("--head", default="logreg", choices=["logreg", "linear"],
@@ -483,13 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_data_path(path: str, what: str):
-    if "{" in path:
-        return  # brace pattern: resolve_shards checks every expanded file
-    if not os.path.exists(path):
-        raise ProbeError(f"{what} not found: {path}")
-
-
 def _open_data(path, transform, label_names, args, split, class_names):
     from mlip_ds.eval.datasets import open_labelled_dataset
 
@@ -504,20 +386,10 @@ def run_cli(args) -> tuple[dict, str, str, str]:
     from mlip_ds.eval.datasets import DataPathError
     from mlip_ds.eval.features import extract_features
 
-    _check_data_path(args.train_data, "--train-data")
-    _check_data_path(args.test_data, "--test-data")
-    encoders = [parse_encoder_spec(s) for s in args.encoder]
-    names = [e[0] for e in encoders]
-    if len(set(names)) != len(names):
-        raise ProbeError(f"duplicate encoder names: {names}")
+    encoders, fractions, seeds, labels = parse_labelled_data_args(args, ProbeError)
     for name, path, _ in encoders:
         if not os.path.isdir(path):
             raise ProbeError(f"export dir of encoder '{name}' not found: {path}")
-    fractions = _csv_list(args.fractions, float, "--fractions")
-    if any(not 0 < f <= 1 for f in fractions):
-        raise ProbeError(f"--fractions must be in (0, 1], got {fractions}")
-    seeds = _csv_list(args.seeds, int, "--seeds")
-    labels = _csv_list(args.labels, str, "--labels") if args.labels else None
     if args.C == "cv":
         C = "cv"
     else:
@@ -598,15 +470,7 @@ def run_cli(args) -> tuple[dict, str, str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        _, json_path, md_path, md = run_cli(args)
-    except ProbeError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    print(md)
-    print(f"[linear_probe] wrote {json_path}, {md_path} and probe.png", file=sys.stderr)
-    return 0
+    return eval_main("linear_probe", build_parser, run_cli, argv, also_wrote=["probe.png"])
 
 
 if __name__ == "__main__":

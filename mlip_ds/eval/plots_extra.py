@@ -459,10 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from mlip_ds.eval.linear_probe import ProbeError
+    from mlip_ds.eval.common import EvalError
     try:
         out = _cmd_roc(args) if args.cmd == "roc" else _cmd_embedding(args)
-    except (FileNotFoundError, ValueError, ProbeError) as exn:
+    except (FileNotFoundError, ValueError, EvalError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     print(out)

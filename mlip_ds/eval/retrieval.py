@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from mlip_ds.eval.datasets import Skipped
-from mlip_ds.eval.linear_probe import ProbeError
 from mlip_ds.eval.zero_shot import (EvalError, ImageEmbedder, encode_texts, eval_transform_for, load_export,
                                     resolve_device)
 
@@ -317,7 +316,7 @@ def write_outputs(results: dict, out_dir: str, extra: dict | None = None, digits
     md = format_markdown(results, digits)
     payload = dict(extra or {})
     payload["models"] = results
-    from mlip_ds.eval.cli import write_json_and_markdown
+    from mlip_ds.eval.common import write_json_and_markdown
     json_path, md_path = write_json_and_markdown(out_dir, "retrieval", payload, md)
     return json_path, md_path, md
 
@@ -375,7 +374,7 @@ def run_cli(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mlip_ds.eval.cli import eval_main
+    from mlip_ds.eval.common import eval_main
     return eval_main("retrieval", build_parser, run_cli, argv)
 
 

@@ -51,7 +51,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mlip_ds.eval.linear_probe import ProbeError, parse_encoder_spec
+from mlip_ds.eval.common import EvalError, parse_encoder_spec  # noqa: F401  (EvalError: re-exported)
 
 DEFAULT_TEMPLATES = ("{}.", "findings consistent with {}.", "impression: {}.", "there is {}.")
 DEFAULT_NEGATION_TEMPLATES = ("no {}.", "no evidence of {}.", "there is no {}.", "negative for {}.")
@@ -61,10 +61,6 @@ NORMAL_CLASS_NAMES = ("no_finding", "normal", "negative", "healthy", "no finding
 ABNORMAL_PROMPTS = ("abnormal chest radiograph.", "acute cardiopulmonary process.", "findings of acute disease.")
 MODES = ("negation", "softmax")
 MAX_LOGIT_SCALE = 100.0
-
-
-class EvalError(ProbeError):
-    """A user-facing error of the evaluation CLIs (bad path, bad argument): exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +528,7 @@ def write_outputs(results: dict, arrays: dict, out_dir: str, extra: dict | None 
     md = format_markdown(results, digits)
     payload = dict(extra or {})
     payload["models"] = results
-    from mlip_ds.eval.cli import write_json_and_markdown
+    from mlip_ds.eval.common import write_json_and_markdown
     json_path, md_path = write_json_and_markdown(out_dir, "zero_shot", payload, md)
     for name, arr in arrays.items():
         safe = safe_name(name)
@@ -638,7 +634,7 @@ def run_cli(args) -> tuple[dict, str, str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mlip_ds.eval.cli import eval_main
+    from mlip_ds.eval.common import eval_main
     return eval_main("zero_shot", build_parser, run_cli, argv)
 
 
