@@ -39,6 +39,12 @@ setup(
         "test": ["pytest", "pytest-timeout", "submitit==1.5.4"],
     },
     entry_points={
-        "console_scripts": ["mlip-predict=mlip_ds.eval.predict:main"],
+        "console_scripts": [
+            "mlip-make-shards=mlip_ds.cli.make_shards:main",  # = python tools/make_shards.py
+            "mlip-train=mlip_ds.train:main",  # one process; several: deepspeed mlip_ds/train.py / slurm/pretrain.sh
+            "mlip-probe=mlip_ds.eval.linear_probe:main",
+            "mlip-eval=mlip_ds.cli.eval:main",  # mlip-eval probe|finetune|zero-shot|retrieval|... ARGS
+            "mlip-predict=mlip_ds.eval.predict:main",
+        ],
     },
 )

@@ -1,4 +1,4 @@
-"""The benchmark scripts (tools/bench_*.py) run end to end on the tiniest settings and print a
+"""The benchmark scripts (benchmarks/bench_*.py) run end to end on the tiniest settings and print a
 well-formed table with the machine line. Never timings: the numbers are not checked. One rank where
 the script allows it (start-up of DeepSpeed ranks dominates the time on 2 cores)."""
 import re
@@ -9,12 +9,12 @@ import pytest
 
 from conftest import ROOT, train_env
 
-TOOLS = ROOT / "tools"
+BENCHMARKS = ROOT / "benchmarks"
 QUICK = ["--wait-load", "0"]  # never wait for a quiet machine in tests
 
 
 def run_tool(script, args, tmp_path, timeout=300, extra_env=None):
-    r = subprocess.run([sys.executable, str(TOOLS / script), *map(str, args), *QUICK, "--work", str(tmp_path)],
+    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args), *QUICK, "--work", str(tmp_path)],
                        cwd=ROOT, env=train_env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
@@ -89,7 +89,6 @@ def test_bench_zero_memory(tmp_path):
 
 @pytest.mark.slow
 def test_bench_throughput(tmp_path):
-    sys.path.insert(0, str(TOOLS))
     from bench_throughput import default_extra_path, openclip_available
     why = openclip_available(default_extra_path())
     if why:
@@ -120,7 +119,6 @@ def test_bench_engine(tmp_path):
 def test_bench_host(capsys):
     """In-process (no DeepSpeed launch). Besides the table: the ops per step do not grow with the
     batch (no loss loops over samples, so a GPU's launches stay fixed as the batch grows)."""
-    sys.path.insert(0, str(TOOLS))
     import bench_host
     bench_host.main(["--model", "tiny", "--batch-sizes", "4,8", "--repeats", "1"])
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """Issue 15's CPU proxy for the host time of a GPU step: ATen ops dispatched per optimizer step
 (forward, backward, optimizer step) by the trainer's DeepSpeed engine with the shipped default
 config, against a bare torch loop (bf16 weights, clip_grad_norm_, fused AdamW) on the same model
-(``tools/engine_ops.py``). A count, not a timing: deterministic on any CPU."""
+(``benchmarks/engine_ops.py``). A count, not a timing: deterministic on any CPU."""
 import json
 import subprocess
 import sys
@@ -23,7 +23,7 @@ ROUTE = "zero0+bf16.enabled=false+torch_autocast.enabled=true:1rank:clip"
 
 @pytest.fixture(scope="module")
 def counts():
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "engine_ops.py"), "--model", "tiny", "--objectives",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_ops.py"), "--model", "tiny", "--objectives",
                         "clip", "--configs", f"zero2,zero2@defaults,{ROUTE}", "--json"], cwd=ROOT, env=train_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -7,9 +7,8 @@ import pytest
 
 from conftest import ROOT, train_env
 
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check  # noqa: E402
-from meta_step import count_flops  # noqa: E402
+import gpu_check  # benchmarks/gpu_check.py (pytest.ini: pythonpath)
+from mlip_ds.bench.meta_step import count_flops
 
 
 def test_tower_flops_match_torchs_flop_counter():
@@ -36,7 +35,7 @@ def test_step_flops_match_torchs_count_at_vit_b16(objective):
     torch on the meta device (shapes only). CLIP: the towers are the step. MLIP: the heads the
     analytic count leaves out (knowledge encoding, TKP attention, prototypes, fusion) add little, so
     the reported MFU is a slight underestimate, never an overestimate."""
-    from meta_step import model_and_inputs, training_step
+    from mlip_ds.bench.meta_step import model_and_inputs, training_step
     from mlip_ds.config import objective_preset
     from mlip_ds.model.towers import load_model_config
     cfg, spec = load_model_config("vit-b16"), objective_preset(objective)
@@ -54,7 +53,7 @@ def test_step_flops_match_torchs_count_at_vit_b16(objective):
 def test_gpu_check_runs_on_cpu(tmp_path):
     """Every row kind on CPU at tiny sizes: the in-memory references (bare loop, DDP) and the engine
     with the default config (profiled), then the trainer (2 ranks), in the order a GPU runs them."""
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "6",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--model", "tiny", "--steps", "6",
                         "--batch-size", "8", "--ranks", "2", "--workers", "1", "--samples", "128",
                         "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")], cwd=ROOT, env=train_env(),
                        capture_output=True, text=True, timeout=400)
@@ -73,7 +72,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 
 
 def test_a_row_over_its_budget_is_a_failed_row_not_the_end(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--model", "tiny", "--steps", "4",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--model", "tiny", "--steps", "4",
                         "--batch-size", "4", "--rows", "bare/clip,ddp/clip", "--row-budget-scale", "0.03",
                         "--out", str(tmp_path)], cwd=ROOT, env=train_env(), capture_output=True, text=True,
                        timeout=120)
@@ -102,7 +101,7 @@ def test_rows_fit_the_nine_minutes():
     assert sum(gpu_check.row_budget(r) for r in rows if "compile" not in r) + 60 <= gpu_check.BUDGET_S <= 500
     assert rows[-1] == "mlip+compile" and {"bare/clip", "ddp/clip", "engine/clip", "engine/mlip", "clip",
                                            "mlip", "clip+compile"} <= set(rows)
-    assert "timeout 530 " in (ROOT / "tools" / "gpu_check.sh").read_text()
+    assert "timeout 530 " in (ROOT / "benchmarks" / "gpu_check.sh").read_text()
 
 
 def test_sync_audit_counts_syncs_per_step_on_cuda():

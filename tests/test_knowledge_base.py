@@ -112,15 +112,15 @@ def test_build_kb_regenerates_byte_identical_output(tmp_path):
     if not (SHARED_DATA / "radlabels").is_dir():
         pytest.skip(f"shared source data not present at {SHARED_DATA}; cannot rebuild the KB")
     out = tmp_path / "kb"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_kb.py"), "--shared-data", str(SHARED_DATA),
+    proc = subprocess.run([sys.executable, str(ROOT / "maintainer" / "build_kb.py"), "--shared-data", str(SHARED_DATA),
                            "--out-dir", str(out), "--quiet"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     for name in ("cxr_kb_v1.jsonl", "cxr_kb_v1.meta.json", "ATTRIBUTION.md"):
-        assert (out / name).read_bytes() == (KB_DATA / name).read_bytes(), f"{name} differs: rerun tools/build_kb.py"
+        assert (out / name).read_bytes() == (KB_DATA / name).read_bytes(), f"{name} differs: rerun maintainer/build_kb.py"
 
 
 def test_build_kb_reports_missing_shared_data(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_kb.py"), "--shared-data",
+    proc = subprocess.run([sys.executable, str(ROOT / "maintainer" / "build_kb.py"), "--shared-data",
                            str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "shared data directory not found" in proc.stderr
@@ -281,7 +281,7 @@ def test_umls_import_filters_by_sab_and_tui(umls_dir):
 
 def test_umls_cli_writes_and_merges(umls_dir, tmp_path):
     out = tmp_path / "umls_kb.jsonl"
-    cmd = [sys.executable, str(ROOT / "tools" / "umls_to_kb.py"), "--umls-dir", str(umls_dir), "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "maintainer" / "umls_to_kb.py"), "--umls-dir", str(umls_dir), "--out", str(out),
            "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -305,7 +305,7 @@ def test_umls_missing_file_and_malformed_line(umls_dir, tmp_path):
     (umls_dir / "MRDEF.RRF").unlink()
     with pytest.raises(umls.UMLSError, match=r"missing.*MRDEF\.RRF"):
         umls.read_umls(umls_dir)
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "umls_to_kb.py"), "--umls-dir", str(umls_dir),
+    proc = subprocess.run([sys.executable, str(ROOT / "maintainer" / "umls_to_kb.py"), "--umls-dir", str(umls_dir),
                            "--out", str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "MRDEF.RRF" in proc.stderr and not (tmp_path / "x.jsonl").exists()
     with pytest.raises(umls.UMLSError, match="UMLS directory not found"):

@@ -238,7 +238,6 @@ def test_link_command_order_with_two_workers(tmp_path, cache_dir, monkeypatch):
 @pytest.mark.skipif(not (OPENI / "openi_reports.jsonl").is_file(),
                     reason=f"Open-i reports not found at {OPENI} (shared data absent)")
 def test_openi_sample_macro_f1(linker):
-    sys.path.insert(0, str(ROOT / "tools"))
     import random
 
     import bench_linker as bench

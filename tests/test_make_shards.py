@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from mlip_ds.cli import make_shards
+from mlip_ds.data.schema import FINDINGS, SCHEMA_VERSION, validate_sample_json
+from mlip_ds.sources.csv_source import parse_label, split_sections
 
-import make_shards  # noqa: E402
-from mlip_ds.data.schema import FINDINGS, SCHEMA_VERSION, validate_sample_json  # noqa: E402
-from mlip_ds.sources.csv_source import parse_label, split_sections  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 wds = pytest.importorskip("webdataset")
 

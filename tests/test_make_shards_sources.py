@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from mlip_ds.cli import make_shards
+from mlip_ds.data.schema import validate_sample_json
+from mlip_ds.sources.dicom import is_dicom, read_dicom
 
-import make_shards  # noqa: E402
-from mlip_ds.data.schema import validate_sample_json  # noqa: E402
-from mlip_ds.sources.dicom import is_dicom, read_dicom  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 wds = pytest.importorskip("webdataset")
 pydicom = pytest.importorskip("pydicom")

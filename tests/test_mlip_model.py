@@ -2,7 +2,6 @@
 run, output shapes for all terms and each subset, the grounding maps; the batch preparation
 (knowledge linking, categories, swapping), the loader's extra keys, text augmentation, the flags."""
 import random
-import sys
 
 import pytest
 import torch
@@ -20,10 +19,7 @@ from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms, mlip_sta
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
 from mlip_ds.sources.synthetic import generate_sample
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-from meta_step import to_meta, training_step  # noqa: E402
+from mlip_ds.bench.meta_step import to_meta, training_step
 
 # Small heads: the tests are about wiring, not capacity.
 SMALL = dict(local_dim=32, local_heads=2, num_prototypes=16, tucker_rank_v=4, tucker_rank_t=4, tucker_rank_k=2,

@@ -21,9 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlip_ds.eval.ablation import (DEFAULT_VARIANTS, AblationError, Settings, parse_probe_spec,  # noqa: E402
+from mlip_ds.eval.ablation import (DEFAULT_VARIANTS, AblationError, Settings, parse_probe_spec,
                                    run_all)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# open_clip's own trainer (open_clip_train, in the open_clip_torch wheel) for tools/bench_throughput.py.
+# open_clip's own trainer (open_clip_train, in the open_clip_torch wheel) for benchmarks/bench_throughput.py.
 # Not in the venv: open_clip_torch[training] would pull numpy 2 (scispacy pins numpy<2) and
 # open_clip_train 3.3.0 needs webdataset <= 0.2.86 (KeyError 'fname' on 1.x), while mlip-ds runs on
 # webdataset 1.0.2. So its extras go to .bench-extra/, put on PYTHONPATH for that run only.

@@ -15,9 +15,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlip_ds.eval.plots_extra import DEFAULT_CURVE_PANELS, plot_training_curves, read_tb_scalars  # noqa: E402
+from mlip_ds.eval.plots_extra import DEFAULT_CURVE_PANELS, plot_training_curves, read_tb_scalars
 
 
 def main(argv=None) -> int:

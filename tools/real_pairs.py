@@ -369,7 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     try:
         s = build(a.data, a.out, seed=a.seed, image_size=a.image_size, fmt=a.format, workers=a.workers,
                   samples_per_shard=a.samples_per_shard, overwrite=a.overwrite, shards=not a.no_shards,

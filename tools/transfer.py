@@ -11,12 +11,9 @@ or data. The protocol is in mlip_ds/downstream/transfer.py; ``--help`` lists eve
 """
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlip_ds.downstream.transfer import main  # noqa: E402
+from mlip_ds.downstream.transfer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,8 @@ One concept per line of a UTF-8 JSON Lines file, sorted by id, with exactly thes
    "label": "pneumothorax",               the FINDINGS / CheXpert label it maps to, or null
    "sources": ["chexpert_labeler", ...]}  where the concept and its aliases come from
 
-The packaged KB (``kb_data/cxr_kb_v1.jsonl``) is built by ``tools/build_kb.py``; a KB from a licensed
-UMLS release is made by ``tools/umls_to_kb.py``. Both write through :func:`write_kb`, so files are
+The packaged KB (``kb_data/cxr_kb_v1.jsonl``) is built by ``maintainer/build_kb.py``; a KB from a licensed
+UMLS release is made by ``maintainer/umls_to_kb.py``. Both write through :func:`write_kb`, so files are
 byte-for-byte reproducible. The knowledge encoder embeds :meth:`KnowledgeBase.text_for` ("name:
 definition") and indexes concepts by :meth:`KnowledgeBase.index_of` (row order = sorted ids).
 """

@@ -1,7 +1,7 @@
 """Import concepts from a licensed UMLS release (Rich Release Format, RRF) into the KB format.
 
 The UMLS Metathesaurus is licensed (UTS account) and several GB large, so it is never shipped: the
-user points :func:`read_umls` (CLI: ``tools/umls_to_kb.py``) at the release's ``META`` directory.
+user points :func:`read_umls` (CLI: ``maintainer/umls_to_kb.py``) at the release's ``META`` directory.
 Files are streamed one line at a time, in this order, keeping in memory only what the kept
 concepts need:
 

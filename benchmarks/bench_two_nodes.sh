@@ -3,7 +3,7 @@
 # and benchmark (issue 17), not part of the CI suite (it takes longer than CI's budget allows: see
 # docs/benchmarks.md, "Two SLURM nodes on one machine"). Needs root on Linux.
 #
-#   sudo bash tools/bench_two_nodes.sh [STATE_DIR]
+#   sudo bash benchmarks/bench_two_nodes.sh [STATE_DIR]
 #
 # Node "mlipa" is this machine's network namespace; node "mlipb" is a network namespace that the
 # script creates (`ip netns`), joined to it by a veth pair named the same on both sides
@@ -107,7 +107,7 @@ HOST="$(hostname -s 2>/dev/null || hostname)"
 CPUS="${MLIP_SLURM_CPUS:-1}"
 MEM=2000
 cat >"$CONF" <<EOF
-# Written by tools/bench_two_nodes.sh: two nodes on $HOST (mlipb in network namespace $NS).
+# Written by benchmarks/bench_two_nodes.sh: two nodes on $HOST (mlipb in network namespace $NS).
 ClusterName=mlip-two
 SlurmctldHost=$HOST($NET.1)
 SlurmctldPort=$CTLD_PORT

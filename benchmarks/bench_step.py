@@ -1,7 +1,7 @@
 """Step time of the MLIP objective against the CLIP baseline, per component, side by side (CPU).
 
-    python tools/bench_step.py                      # tiny towers, batch 32, 1 thread
-    python tools/bench_step.py --model vit-b16 --batch-size 4 --steps 4
+    python benchmarks/bench_step.py                      # tiny towers, batch 32, 1 thread
+    python benchmarks/bench_step.py --model vit-b16 --batch-size 4 --steps 4
 
 One process, no DeepSpeed: the same towers (same initial weights) under each objective, one
 training step each in turn (round robin, so a change in machine load hits every configuration
@@ -22,26 +22,22 @@ import dataclasses
 import os
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from bench_common import machine  # noqa: E402
-from mlip_ds.config import objective_preset  # noqa: E402
-from mlip_ds.data.text_augment import augment_report  # noqa: E402
-from mlip_ds.data.transforms import train_transform  # noqa: E402
-from mlip_ds.losses.objective import TERMS, ObjectiveConfig, total_loss  # noqa: E402
-from mlip_ds.model.concepts import load_concepts  # noqa: E402
-from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms  # noqa: E402
-from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config  # noqa: E402
-from mlip_ds.sources.synthetic import generate_sample  # noqa: E402
+from bench_common import machine
+from mlip_ds.config import objective_preset
+from mlip_ds.data.text_augment import augment_report
+from mlip_ds.data.transforms import train_transform
+from mlip_ds.losses.objective import TERMS, ObjectiveConfig, total_loss
+from mlip_ds.model.concepts import load_concepts
+from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms
+from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
+from mlip_ds.sources.synthetic import generate_sample
 
 
 def configs(**overrides) -> dict[str, object]:

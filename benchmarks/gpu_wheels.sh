@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels that tools/gpu_check.sh needs on a lent GPU machine, fetched here into ./.whl (git-ignored
+# Wheels that benchmarks/gpu_check.sh needs on a lent GPU machine, fetched here into ./.whl (git-ignored
 # through .git/info/exclude), to travel with the working tree (`carry: [".whl"]`).
 #
 # Why: the lent machine cannot reach any package index and has no room for our virtualenv (the

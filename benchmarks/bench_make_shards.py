@@ -1,7 +1,7 @@
 """Shard writing speed of ``tools/make_shards.py``: images/s and reports/s, 1 worker against 2.
 
-    python tools/bench_make_shards.py                    # 384 samples per run, workers 1 and 2
-    python tools/bench_make_shards.py --samples 16 --small 4 --workers 1,2 --repeats 1
+    python benchmarks/bench_make_shards.py                    # 384 samples per run, workers 1 and 2
+    python benchmarks/bench_make_shards.py --samples 16 --small 4 --workers 1,2 --repeats 1
 
 Three inputs, each written with every ``--workers`` value, in rounds (so a change of machine load
 hits all alike):
@@ -27,8 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, load_avg, machine_line, run_logged,  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, load_avg, machine_line, run_logged,
                           show, table, work_dir)
 
 SOURCES = ("synthetic", "csv", "csv --link")

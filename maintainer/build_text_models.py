@@ -5,17 +5,15 @@
 - ``bert_base``: a BERT-base-sized config (12 x 768) with the same vocabulary, for GPU-sized runs
   with random weights. Real runs pass ``--text-model DIR`` (e.g. a local Bio_ClinicalBERT).
 
-Usage: python tools/build_text_models.py [--num-reports 3000] [--vocab-size 3000]
+Usage: python maintainer/build_text_models.py [--num-reports 3000] [--vocab-size 3000]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "mlip_ds" / "model" / "text_models"
 

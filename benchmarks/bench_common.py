@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (tools/bench_*.py): the machine line, waiting for a quiet
+"""Helpers shared by the benchmark scripts (benchmarks/bench_*.py): the machine line, waiting for a quiet
 machine, synthetic shards, launching DeepSpeed runs of the trainer, and markdown tables.
 
 Not a library API: the benchmark scripts import it from ``tools/``.
@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from mlip_ds.launch import deepspeed_cmd, train_env  # noqa: E402
+from mlip_ds.launch import deepspeed_cmd, train_env
 
 
 def load_avg() -> str:

@@ -1,9 +1,9 @@
 """Training step without a data loader: torch DDP (open_clip_train's step) vs our DeepSpeed step.
 
-    python tools/bench_engine.py                       # tiny towers, 2 ranks x batch 32, 40 steps, 3 rounds
-    python tools/bench_engine.py --model vit-b16 --batch-size 2 --steps 3 --rounds 1
+    python benchmarks/bench_engine.py                       # tiny towers, 2 ranks x batch 32, 40 steps, 3 rounds
+    python benchmarks/bench_engine.py --model vit-b16 --batch-size 2 --steps 3 --rounds 1
 
-Isolates the engine from the loader (`tools/bench_throughput.py` measures both together): every rank
+Isolates the engine from the loader (`benchmarks/bench_throughput.py` measures both together): every rank
 steps on one fixed in-memory batch, same towers, same initial weights, same AdamW settings and
 gradient clipping, 2 ranks over gloo, one thread per rank. Systems, interleaved in rounds:
 
@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, bench_env, machine_line, median, run_logged,  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, bench_env, machine_line, median, run_logged,
                           show, table, work_dir)
 
-from mlip_ds.launch import deepspeed_cmd  # noqa: E402
+from mlip_ds.launch import deepspeed_cmd
 
 SYSTEMS = ("ddp", "zero0", "zero2", "zero2+flags")
 

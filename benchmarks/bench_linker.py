@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the report linker on the real Open-i reports against NegBio's gold labels.
 
-  python tools/bench_linker.py [--data ../shared/data/openi_reports] [--negation rules|negex|both]
+  python benchmarks/bench_linker.py [--data ../shared/data/openi_reports] [--negation rules|negex|both]
                                [--uncertain negative|positive|both] [--split all|negbio_test|negbio_rest]
                                [--ablate] [--sample N] [--markdown] [--show-errors FINDING]
 
@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "openi_reports"
 
 # gold finding -> (KB labels whose concepts count, extra KB concept ids)

@@ -1,7 +1,7 @@
 """Ops dispatched per optimizer step: the trainer's DeepSpeed engine against a bare torch loop (issue 15).
 
-    python tools/engine_ops.py                          # ViT-B/16 + BERT-base structure, clip and mlip
-    python tools/engine_ops.py --model tiny --objectives clip --configs zero2
+    python benchmarks/engine_ops.py                          # ViT-B/16 + BERT-base structure, clip and mlip
+    python benchmarks/engine_ops.py --model tiny --objectives clip --configs zero2
 
 A CPU proxy for the host time a GPU step costs outside the arithmetic: every ATen op dispatched is a
 kernel launch or a view that the host pays for in Python and C++ while the GPU may wait. Counted in
@@ -36,9 +36,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import ROOT, machine, table  # noqa: E402
-from meta_step import model_and_inputs  # noqa: E402
+from bench_common import ROOT, machine, table
+from mlip_ds.bench.meta_step import model_and_inputs
 
 # DeepSpeed 0.19.8's defaults for the keys the shipped configs set (issue 15).
 DS_DEFAULTS = {"bf16.check_grad_overflow": True, "timers.throughput.enabled": True,
@@ -140,7 +139,7 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
     """The model at ``model_cfg`` with a fixed synthetic batch already on ``device`` and the training
     step of ``system``: ``bare``/``ddp`` (torch; ``:autocast`` for fp32 weights under a bf16 autocast,
     else bf16 weights) or a ``ds_variant`` name (the DeepSpeed engine; ``ds_file`` a config path
-    instead). Shared by the op count here and by ``tools/gpu_check.py``'s in-memory rows."""
+    instead). Shared by the op count here and by ``benchmarks/gpu_check.py``'s in-memory rows."""
     import torch
     from mlip_ds.config import build_parser, config_from_args
     from mlip_ds.ds_config import resolve_ds_config

@@ -1,7 +1,7 @@
 """What a GPU step will cost outside the GPU's arithmetic, measured on a CPU (issue 8).
 
-    python tools/bench_host.py                              # ViT-B/16 + BERT-base, batch 64 and 256
-    python tools/bench_host.py --model tiny --batch-sizes 8 --repeats 3
+    python benchmarks/bench_host.py                              # ViT-B/16 + BERT-base, batch 64 and 256
+    python benchmarks/bench_host.py --model tiny --batch-sizes 8 --repeats 3
 
 Per objective and batch, for one training step (forward, every loss term, backward, EMA update):
 - ops/step: ATen ops dispatched (each a kernel launch or a view on a GPU); it does not grow with
@@ -10,7 +10,7 @@ Per objective and batch, for one training step (forward, every loss term, backwa
   width 32, a few tokens), where the arithmetic is negligible: the Python and dispatch time the
   host spends per step whatever the batch. When the GPU's time for a step is below this, the GPU
   waits for the host (unless ``--compile`` removes the overhead);
-- TFLOP/step analytic (``tools/gpu_check.py``'s MFU numerator) and counted by torch's
+- TFLOP/step analytic (``benchmarks/gpu_check.py``'s MFU numerator) and counted by torch's
   FlopCounterMode on the meta device, and their ratio;
 - saved activations: bytes autograd keeps for the backward in bf16, on the meta device (an upper
   bound: views of one tensor count separately), the memory that sets the batch a GPU can hold.
@@ -22,14 +22,12 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, table  # noqa: E402
-from meta_step import count_flops, model_and_inputs, to_dtype, training_step  # noqa: E402
+from bench_common import machine, table
+from mlip_ds.bench.meta_step import count_flops, model_and_inputs, to_dtype, training_step
 
 
 def skinny_config(model_cfg: dict, folder: Path) -> dict:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared call on a lent GPU (H100/H200): at most 9 minutes, nothing downloaded.
-# Prints the table described in tools/gpu_check.py. Extra arguments go to gpu_check.py.
+# Prints the table described in benchmarks/gpu_check.py. Extra arguments go to gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Python: our virtualenv where there is one; else, on a lent GPU machine (no package index, its own
-# python3 with torch), the wheels from tools/gpu_wheels.sh carried in ./.whl; else install.
+# python3 with torch), the wheels from benchmarks/gpu_wheels.sh carried in ./.whl; else install.
 PY=python
 if [ -x "${MLIP_VENV:-.venv}/bin/python" ]; then
   # shellcheck disable=SC1091
@@ -26,4 +26,4 @@ df -h /dev/shm | tail -1   # the loader's hand-over space (gpu_check.py fits its
   deepspeed.__version__, "open_clip", open_clip.__version__, "transformers", transformers.__version__)'
 JSON=()
 [ -n "${OUT:-}" ] && JSON=(--json "$OUT/gpu_check.json")
-timeout 530 "$PY" tools/gpu_check.py "${JSON[@]}" "$@"
+timeout 530 "$PY" benchmarks/gpu_check.py "${JSON[@]}" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Make a knowledge-base file (the packaged KB's JSONL format) from a licensed UMLS release.
 
-    python tools/umls_to_kb.py --umls-dir UMLS/2024AA/META --out data/kb/umls_cxr.jsonl
+    python maintainer/umls_to_kb.py --umls-dir UMLS/2024AA/META --out data/kb/umls_cxr.jsonl
         [--tui T047,T033,... | --all-tuis] [--sab SNOMEDCT_US,MSH,...] [--lang ENG]
         [--no-relations] [--max-aliases N] [--merge-packaged | --merge KB.jsonl]
         [--release NAME] [--quiet]
@@ -22,12 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mlip_ds.knowledge.kb import (DEFAULT_KB_PATH, KBFormatError, KnowledgeBase, meta_path_for,  # noqa: E402
+from mlip_ds.knowledge.kb import (DEFAULT_KB_PATH, KBFormatError, KnowledgeBase, meta_path_for,
                                   read_kb_concepts, write_atomic, write_kb)
-from mlip_ds.knowledge.umls import DEFAULT_TUIS, TUI_SEMANTIC_TYPE, UMLSError, merge_concepts, read_umls  # noqa: E402
+from mlip_ds.knowledge.umls import DEFAULT_TUIS, TUI_SEMANTIC_TYPE, UMLSError, merge_concepts, read_umls
 
 
 def _csv(value: str) -> list[str]:
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
     release = args.release or _release_name(args.umls_dir)
     meta = {"kb_name": args.out.stem, "kb_version": f"umls-{release}" if release else "umls",
             "format_version": 1, "file": args.out.name, "sha256": sha, "n_concepts": len(kb),
-            "by_semantic_type": kb.counts(), "built_by": "tools/umls_to_kb.py", "umls_release": release,
+            "by_semantic_type": kb.counts(), "built_by": "maintainer/umls_to_kb.py", "umls_release": release,
             "filters": {"tuis": result.stats["tuis"], "sabs": result.stats["sabs"],
                         "languages": result.stats["languages"], "relations": not args.no_relations,
                         "max_aliases": args.max_aliases},

@@ -1,7 +1,7 @@
 """The data loader alone against what the training step consumes, side by side (CPU).
 
-    python tools/bench_loader.py                         # tiny model, batch 32, 1 worker, both objectives
-    python tools/bench_loader.py --objectives clip --batches 3 --warmup 1 --steps 3 --batch-size 4
+    python benchmarks/bench_loader.py                         # tiny model, batch 32, 1 worker, both objectives
+    python benchmarks/bench_loader.py --objectives clip --batches 3 --warmup 1 --steps 3 --batch-size 4
 
 Loader: ``mlip_ds.data.pipeline.make_train_loader`` built exactly as the trainer builds it for the
 objective (same ``LoaderSpec``: the train augmentation, tokenisation, for MLIP the second view, the
@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (add_common_args, begin, bench_env, load_avg, machine_line,  # noqa: E402
+from bench_common import (add_common_args, begin, bench_env, load_avg, machine_line,
                           make_synthetic_shards, median, ours_cmd, ours_rates, run_logged, show, table,
                           work_dir)
 

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of our trainer against open_clip's own trainer, side by side (CPU).
 
-    python tools/bench_throughput.py                        # tiny towers, 2 ranks, batch 32, 3 rounds
-    python tools/bench_throughput.py --systems ours-clip,open_clip --repeats 1 --steps 4 --warmup 1 --batch-size 4
+    python benchmarks/bench_throughput.py                        # tiny towers, 2 ranks, batch 32, 3 rounds
+    python benchmarks/bench_throughput.py --systems ours-clip,open_clip --repeats 1 --steps 4 --warmup 1 --batch-size 4
 
 Systems, each a real 2-rank training run on the same synthetic shards, same towers, same batch per
 rank, fp32, same number of data-loader workers per rank and one thread per rank:
@@ -43,12 +43,11 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (ROOT, add_common_args, begin, bench_env, load_avg,  # noqa: E402
+from bench_common import (ROOT, add_common_args, begin, bench_env, load_avg,
                           machine_line, make_synthetic_shards, median, ours_cmd, ours_rates,
                           run_logged, shard_files, show, table, work_dir)
 
-from mlip_ds.launch import free_port  # noqa: E402
+from mlip_ds.launch import free_port
 
 SYSTEMS = ("ours-clip", "ours-clip-zero0", "open_clip", "ours-mlip")
 LABEL = {"ours-clip": "ours, --objective clip (DeepSpeed ZeRO-2)",

@@ -3,18 +3,12 @@
 Meta tensors carry shapes and no values: the step costs almost nothing at ViT-B/16 + BERT-base
 size on a CPU, and any read of a value on the host (``.item()``, ``bool(t)``, ``nonzero``) raises.
 Used by tests (no device syncs in the step; the MFU FLOP count against torch's counter) and by
-``tools/bench_host.py`` (ops, FLOPs and saved activations per step at GPU sizes, on CPU).
+``benchmarks/bench_host.py`` (ops, FLOPs and saved activations per step at GPU sizes, on CPU).
 """
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 from unittest import mock
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 class _NoGenerator:
