@@ -9,7 +9,6 @@ from mlip_ds.launch import deepspeed_cmd, free_port  # noqa: F401  (the tests im
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
