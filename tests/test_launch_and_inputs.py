@@ -80,7 +80,7 @@ def test_flag_ranges_come_from_the_config_metadata():
     cfg.objective.proto_temperature = float("nan")
     got = "\n".join(range_errors(cfg))
     for want in ("--batch-size 0: must be >= 1", "--workers -1: must be >= 0", "--text-word-dropout 1.5: must be <= 1",
-                 "--lr -0.001: must be > 0", "--warmup-steps -1: must be >= 0", "--grad-accum 0: must be >= 1",
+                 "--lr -0.001: must be > 0", "--warmup-steps -1: must be >= 1", "--grad-accum 0: must be >= 1",
                  "--beta2 1.0: must be < 1", "--epochs 0: must be >= 1", "--log-every 0: must be >= 1",
                  "--init-temperature 0.0: must be > 0", "--lambda-local -1.0: must be >= 0",
                  "--swap-prob 1.2: must be <= 1", "--local-temperature 0.0: must be > 0",

@@ -198,7 +198,7 @@ def load_concepts(kb: str, shard_urls: list[str]) -> ConceptVocab:
         return from_shards(shard_urls)
     if kb and not Path(kb).is_file():
         raise FileNotFoundError(f"--kb {kb}: no such file (a KB JSON Lines file, e.g. from "
-                                "`python tools/build_kb.py`, or 'shards' for the shards' own entities)")
+                                "`python maintainer/build_kb.py`, or 'shards' for the shards' own entities)")
     try:
         import mlip_ds.knowledge.kb  # noqa: F401
     except ImportError:
