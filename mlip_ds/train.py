@@ -152,7 +152,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
     for name, p in model.named_parameters():
         if not p.requires_grad and not name.startswith("prototypes."):
             continue
-        skip = (p.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
+        ndim = len(getattr(p, "ds_shape", p.shape))  # built under zero.Init: the full shape is ds_shape
+        skip = (ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "logit_scale" in name
                 or name.startswith("prototypes."))
         # LoRA adapters are new weights on a pretrained tower: they take ``lr``.
         pre = bool(pretrained) and name.startswith(pretrained) and not adapters.is_adapter(name)
@@ -198,10 +199,14 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         for line in recipe.warnings_for(cfg, total_steps, cfg.data.batch_size * world * accum):
             log.warning("recipe: %s", line)
 
+    bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
     try:
+        # ZeRO-3: built under deepspeed.zero.Init, each rank holds only its partition (same weights).
         clip = build_model(model_cfg, pretrained_text=cfg.model.pretrained_text,
                            pretrained_image=cfg.model.pretrained_image or None,
-                           init_temperature=cfg.model.init_temperature, init_from=cfg.model.init_from or None)
+                           init_temperature=cfg.model.init_temperature, init_from=cfg.model.init_from or None,
+                           zero3_config=ds_config if ds_stage == 3 else None)
         choice = adapters.TrainChoice.from_model_config(cfg.model)  # freeze / LoRA, before the optimizer
         if choice.active():
             counts = adapters.apply(clip, choice)
@@ -221,8 +226,6 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     preparer = BatchPreparer(cfg.objective, tokenizer, vocab, cfg.knowledge.concept_context_length,
                              cfg.knowledge.max_mentions)
 
-    bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
-    ds_config = resolve_ds_config(load_ds_config(ds_config_path), cfg, world, total_steps, bf16_ok)
     nan_check = resolve_nan_check(cfg.run.nan_check, ds_config)
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, recipe.pretrained_towers(cfg),
                           cfg.optim.lr_pretrained)

@@ -133,9 +133,10 @@ def trainable_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         key = name.split(".", 1)[0]
         key = key if key in TOWERS else "other"
-        out[key]["total"] += p.numel()
-        out[key]["trainable"] += p.numel() if p.requires_grad else 0
-        out[key]["adapter"] += p.numel() if is_adapter(name) else 0
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 (built under zero.Init): the full size
+        out[key]["total"] += n
+        out[key]["trainable"] += n if p.requires_grad else 0
+        out[key]["adapter"] += n if is_adapter(name) else 0
     return out
 
 

@@ -7,6 +7,7 @@ nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -58,13 +59,31 @@ def load_model_config(name: str, text_model: str | None = None, tokenizer: str |
 
 
 def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image: str | None = None,
-                init_temperature: float = 0.07, init_from: str | None = None) -> open_clip.CustomTextCLIP:
+                init_temperature: float = 0.07, init_from: str | None = None,
+                zero3_config: dict | None = None) -> open_clip.CustomTextCLIP:
     """Instantiate the two-tower model. ``init_from`` (an open_clip folder or checkpoint file, see
     ``warm_start``) then loads both towers and the temperature, strictly.
 
     ``nonscalar_logit_scale`` gives logit_scale the shape [1]: DeepSpeed 0.19.8 rejects 0-dim
     parameters in ``initialize`` (stack notes), and the losses broadcast a [1] scale fine.
+
+    ``zero3_config`` (a resolved ZeRO stage-3 DeepSpeed config; torch.distributed initialised): build
+    under ``deepspeed.zero.Init``, so each rank only ever holds its partition of each parameter
+    (see ``build_partitioned``).
     """
+    if zero3_config is not None:
+        return build_partitioned(model_cfg, zero3_config, pretrained_text, pretrained_image, init_temperature,
+                                 init_from)
+    model = _construct(model_cfg, pretrained_text, init_temperature)
+    if pretrained_image:
+        load_image_weights(model, pretrained_image)
+    if init_from:
+        from mlip_ds.model.warm_start import load_init_weights
+        load_init_weights(model, init_from)
+    return model
+
+
+def _construct(model_cfg: dict, pretrained_text: bool, init_temperature: float) -> open_clip.CustomTextCLIP:
     cfg = copy.deepcopy(model_cfg)
     cfg.pop("preprocess", None)
     for key in ("custom_text", "nonscalar_logit_scale", "init_logit_scale"):  # ours, or not CustomTextCLIP's
@@ -78,12 +97,101 @@ def build_model(model_cfg: dict, pretrained_text: bool = False, pretrained_image
     if type(model.text) is HFTextEncoder:
         # Same parameters and names (checkpoints and exports unchanged), another forward.
         model.text.__class__ = SyncFreeHFTextEncoder
+    return model
+
+
+def build_partitioned(model_cfg: dict, ds_config: dict, pretrained_text: bool = False,
+                      pretrained_image: str | None = None, init_temperature: float = 0.07,
+                      init_from: str | None = None) -> open_clip.CustomTextCLIP:
+    """ZeRO-3: build under ``deepspeed.zero.Init``: each parameter is split over the ranks as soon as
+    the module that owns it is built, so no rank ever holds the whole model (at most one module's
+    parameters at a time). The weights are the same, to the bit, as ``build_model`` without
+    ``zero3_config`` on the same seed, and every rank's generator ends in the same state
+    (tests/test_zero_init.py).
+
+    ``zero.Init`` partitions a module's parameters when that module's ``__init__`` returns, so an init
+    that a parent runs on its children's parameters would see empty tensors. Three such inits are on
+    this path; each runs with those parameters gathered (``GatheredParameters(modifier_rank=0)``), on
+    every rank, so all generators draw the same numbers:
+
+    - Hugging Face's weight init (``post_init`` -> ``initialize_weights``: transformers 5's
+      ``BertPreTrainedModel._init_weights`` indexes ``word_embeddings.weight[padding_idx]`` and fails
+      on a partitioned embedding). Walked in transformers' own order (its ``smart_apply``), one
+      module's parameters gathered at a time. transformers' ``initialize_weights_zero3`` (used by its
+      ``HfDeepSpeedConfig`` route) draws on rank 0 only and runs under ``no_init_weights`` (no torch
+      default init): the weights would differ from a plain build and the ranks' generators (dropout)
+      would diverge, so it is not used.
+    - ``nn.MultiheadAttention._reset_parameters`` (zeroes ``out_proj.bias``; the ViT blocks).
+    - open_clip's ``ModifiedResNet.init_parameters`` (the ResNet tower: attention-pool weights, bn3).
+
+    ``mem_efficient_linear=False``: DeepSpeed's default swaps ``F.linear`` for its own function for the
+    rest of the process; the forward stays the one stages 0-2 run. Weights loaded afterwards
+    (``pretrained_image``, ``init_from``) are loaded with the tower gathered (a full copy of it on each
+    rank while loading; the file is read whole anyway). ``pretrained_text``: transformers' own ZeRO-3 route
+    (``HfDeepSpeedConfig`` held while building: ``from_pretrained`` builds under ``zero.Init`` and loads
+    the folder's weights into the partitions; without it, it would load into the empty tensors).
+    """
+    import deepspeed
+
+    hf_zero3 = None
+    if pretrained_text:  # transformers' ZeRO-3 loading: built empty, the folder's weights copied into the partitions
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # is_deepspeed_zero3_enabled() while it lives
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False), \
+                _gathered_inits(hf=not pretrained_text):
+            model = _construct(model_cfg, pretrained_text, init_temperature)
+    finally:
+        del hf_zero3
     if pretrained_image:
-        load_image_weights(model, pretrained_image)
+        with deepspeed.zero.GatheredParameters(list(model.visual.parameters()), modifier_rank=0):
+            load_image_weights(model, pretrained_image)
     if init_from:
         from mlip_ds.model.warm_start import load_init_weights
-        load_init_weights(model, init_from)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            load_init_weights(model, init_from)
     return model
+
+
+@contextlib.contextmanager
+def _gathered_inits(hf: bool = True):
+    """While building under ``zero.Init``: the parent-on-child inits run on gathered parameters (the
+    Hugging Face one too unless ``hf`` is false: transformers then builds and loads under its own route)."""
+    import deepspeed
+    from open_clip.modified_resnet import ModifiedResNet
+    from transformers import PreTrainedModel
+
+    def gathered(method):
+        def run(self, *args, **kwargs):
+            with deepspeed.zero.GatheredParameters(list(self.parameters()), modifier_rank=0):
+                return method(self, *args, **kwargs)
+        return run
+
+    @torch.no_grad()
+    def hf_initialize_weights(self):
+        # transformers' smart_apply: children first, each sub-model with its own _initialize_weights.
+        def visit(module, fn):
+            for child in module.children():
+                visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+            params = list(module.parameters(recurse=False))  # _init_weights may touch a child's too
+            params += [p for c in module.children() if not isinstance(c, PreTrainedModel)
+                       for p in c.parameters(recurse=False)]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                fn(module)
+        visit(self, self._initialize_weights)
+
+    patches = [(torch.nn.MultiheadAttention, "_reset_parameters",
+                gathered(torch.nn.MultiheadAttention._reset_parameters)),
+               (ModifiedResNet, "init_parameters", gathered(ModifiedResNet.init_parameters)),
+               (PreTrainedModel, "initialize_weights", hf_initialize_weights)][:3 if hf else 2]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
+    try:
+        for cls, name, fn in patches:
+            setattr(cls, name, fn)
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
 
 
 class SyncFreeHFTextEncoder(HFTextEncoder):
