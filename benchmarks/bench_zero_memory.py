@@ -22,8 +22,8 @@ Per rank it reports:
 - **construction**: RSS before building (interpreter, libraries, process group), the RSS high-water
   mark at the end of construction minus that (``ru_maxrss``: the peak *during* construction), and the
   parameter bytes the rank holds right after it (``ds_tensor`` of partitioned parameters);
-- **after the steps**, counted from the tensors: parameters held, gradients (``p.grad``; ZeRO-2's
-  ``grads_in_partition``; ZeRO-3's ``grad_partitions_flat_buffer``, read after the last backward),
+- **after the steps**, counted from the tensors: parameters held, gradient storage (read after the
+  last backward, see ``grad_bytes``: it includes ZeRO's reduce buckets, which do not shrink with N),
   Adam's two moments, and the fp32 master copy ZeRO keeps of the rank's partition (stages 1-3);
 - peak RSS over the whole run and RSS after the steps.
 
@@ -80,13 +80,27 @@ def held_bytes(module) -> int:
                for p in module.parameters())
 
 
-def grad_bytes(engine, stage: int) -> int:
-    """Gradient bytes this rank holds after a backward: ``p.grad`` (stages 0-1), the rank's flat
-    partition (ZeRO-2 ``grads_in_partition``, ZeRO-3 ``grad_partitions_flat_buffer``)."""
+def grad_bytes(engine) -> int:
+    """Gradient storage this rank holds after a backward, each storage counted once: ``p.grad`` (which
+    ZeRO-2 points into its bucket), ZeRO-1/2's ``averaged_gradients``, ``grads_in_partition`` and
+    ``ipg_buffer`` (the reduce bucket), ZeRO-3's ``grad_partitions_flat_buffer``."""
+    import torch
     opt = engine.optimizer
-    own = tensor_bytes(p.grad for p in engine.module.parameters() if p.grad is not None)
-    flat = getattr(opt, "grad_partitions_flat_buffer" if stage == 3 else "grads_in_partition", None)
-    return own + (tensor_bytes([flat]) if flat is not None and stage >= 2 else 0)
+    found = [p.grad for p in engine.module.parameters() if p.grad is not None]
+
+    def collect(x):
+        if torch.is_tensor(x):
+            found.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+    for name in ("averaged_gradients", "grads_in_partition", "ipg_buffer", "grad_partitions_flat_buffer"):
+        collect(getattr(opt, name, None))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in found if t.numel()}
+    return sum(storages.values())
 
 
 def scaled_model(work: Path, width: int, layers: int, image_size: int, context: int) -> Path:
@@ -160,7 +174,7 @@ def worker(args) -> None:
             else out[:3]
         loss = global_contrastive_loss(img, txt, scale)
         engine.backward(loss)
-        grads = grad_bytes(engine, stage)
+        grads = grad_bytes(engine)
         engine.step()
         step_times.append(time.time() - ts)
     rec = {"rank": rank, "world": world, "stage": args.stage, "params_total": n_params, **construction,

@@ -3,7 +3,7 @@
 - ``tiny_bert``: a 2-layer, 64-wide BERT config and a WordPiece vocabulary trained with the
   ``tokenizers`` library on built-in synthetic reports plus a radiology word list, for CPU runs.
 - ``bert_base``: a BERT-base-sized config (12 x 768) with the same vocabulary, for GPU-sized runs
-  with random weights. Real runs pass ``--text-model DIR`` (e.g. a local Bio_ClinicalBERT).
+  with random weights; ``bert_large`` the same at BERT-large size (24 x 1024, configs/vit-l14.json). Real runs pass ``--text-model DIR`` (e.g. a local Bio_ClinicalBERT).
 
 Usage: python maintainer/build_text_models.py [--num-reports 3000] [--vocab-size 3000]
 """
@@ -82,13 +82,14 @@ def main() -> None:
     ap.add_argument("--num-reports", type=int, default=3000)
     ap.add_argument("--vocab-size", type=int, default=3000)
     args = ap.parse_args()
-    tiny, base = OUT / "tiny_bert", OUT / "bert_base"
-    tiny.mkdir(parents=True, exist_ok=True)
-    base.mkdir(parents=True, exist_ok=True)
+    tiny, base, large = OUT / "tiny_bert", OUT / "bert_base", OUT / "bert_large"
+    for d in (tiny, base, large):
+        d.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(corpus(args.num_reports), args.vocab_size, tiny)
     (tiny / "config.json").write_text(json.dumps(bert_config(vocab, 64, 2, 2, 128), indent=2) + "\n")
     (base / "config.json").write_text(json.dumps(bert_config(vocab, 768, 12, 12, 3072), indent=2) + "\n")
-    print(f"wrote {tiny} and {base} (vocabulary {vocab} tokens)")
+    (large / "config.json").write_text(json.dumps(bert_config(vocab, 1024, 24, 16, 4096), indent=2) + "\n")
+    print(f"wrote {tiny}, {base} and {large} (vocabulary {vocab} tokens)")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ def build_partitioned(model_cfg: dict, ds_config: dict, pretrained_text: bool = 
     - ``nn.MultiheadAttention._reset_parameters`` (zeroes ``out_proj.bias``; the ViT blocks).
     - open_clip's ``ModifiedResNet.init_parameters`` (the ResNet tower: attention-pool weights, bn3).
 
+    On glibc the construction also mmaps large allocations (``_large_allocations_unmapped``): else
+    the freed whole tensors stay in the process and the peak exceeds one full copy.
+
     ``mem_efficient_linear=False``: DeepSpeed's default swaps ``F.linear`` for its own function for the
     rest of the process; the forward stays the one stages 0-2 run. Weights loaded afterwards
     (``pretrained_image``, ``init_from``) are loaded with the tower gathered (a full copy of it on each
@@ -138,7 +141,8 @@ def build_partitioned(model_cfg: dict, ds_config: dict, pretrained_text: bool = 
         from transformers.integrations import HfDeepSpeedConfig
         hf_zero3 = HfDeepSpeedConfig(ds_config)  # is_deepspeed_zero3_enabled() while it lives
     try:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False), \
+        with _large_allocations_unmapped(), \
+                deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False), \
                 _gathered_inits(hf=not pretrained_text):
             model = _construct(model_cfg, pretrained_text, init_temperature)
     finally:
@@ -151,6 +155,35 @@ def build_partitioned(model_cfg: dict, ds_config: dict, pretrained_text: bool = 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
             load_init_weights(model, init_from)
     return model
+
+
+@contextlib.contextmanager
+def _large_allocations_unmapped(threshold: int = 1 << 20, after: int = 32 << 20):
+    """glibc: while building, allocations of ``threshold`` bytes or more are mmapped, so the whole
+    tensor that each parameter starts as goes back to the OS when ``zero.Init`` keeps only its
+    partition. With glibc's default (the mmap threshold rises to the largest block freed, up to
+    32 MiB) those frees stay in the heap, and on 2 ranks the construction peak was above one full fp32
+    copy of the model (benchmarks/bench_zero_memory.py: 458 MiB for a 336 MiB model; 197 MiB with
+    this). Afterwards the mmap threshold is left at 32 MiB and the trim threshold at 64 MiB, where
+    glibc's own adjustment would settle (setting them turns the adjustment off). Elsewhere than glibc:
+    nothing."""
+    import ctypes
+    import ctypes.util
+    mallopt = None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+    except OSError:
+        pass
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt is not None:
+        mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        if mallopt is not None:
+            mallopt(m_mmap_threshold, after)
+            mallopt(m_trim_threshold, 2 * after)
 
 
 @contextlib.contextmanager
