@@ -424,3 +424,23 @@ def test_inactive_terms_are_not_computed(setup):
     terms["global"].backward()
     for name in ("fusion", "itm_head", "swap_head", "tkp", "prototypes", "knowledge"):
         assert all(p.grad is None for p in getattr(model, name).parameters()), name
+
+
+def test_divergence_false_negative_switch(setup):
+    """--no-false-negatives-divergence: the divergence cross terms are plain InfoNCE (the global term
+    keeps its rule); by default they take the global term's false-negative rule."""
+    from mlip_ds.losses.divergence import divergence_loss
+    objective = objective_preset("mlip", **SMALL)
+    model = _model(setup, objective).train()
+    cfg, tok, vocab, batch = setup
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=1)
+    out = model(**inputs)
+    args = (out["image_features"].float(), out["text_features"].float(), out["image_features_ema"].float(),
+            out["text_features_ema"].float(), out["logit_scale"].float())
+    ii = dict(image_image_scale=1.0 / objective.image_temperature)
+    masked = divergence_loss(*args, cats=inputs["cats"], mode="drop", match="overlap", **ii)
+    plain = divergence_loss(*args, **ii)
+    assert not torch.allclose(masked, plain)  # the batch has same-category pairs
+    on = compute_terms(out, inputs, objective)["divergence"]
+    off = compute_terms(out, inputs, objective_preset("mlip", **SMALL, false_negatives_divergence=False))["divergence"]
+    assert torch.allclose(on, masked) and torch.allclose(off, plain)

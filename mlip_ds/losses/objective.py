@@ -33,6 +33,8 @@ class ObjectiveConfig:
     false_negative_match: str = field(default="overlap", metadata={
         "help": "which pairs share a knowledge category: 'overlap' (any affirmed finding in common; measured "
                 "best, docs/ablation.md) or 'exact' (the same set of findings)"})
+    false_negatives_divergence: bool = field(default=True, metadata={
+        "help": "apply the false-negative rule to the divergence cross terms too (else plain InfoNCE there)"})
     soft_weight: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "target weight of a same-category pair ('soft')"})
     # divergence encoders
     ema_m0: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA momentum at step 0 (cosine rise)"})
