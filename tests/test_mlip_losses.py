@@ -358,14 +358,17 @@ def test_text_swapping_keeps_negations_and_labels_are_right(mode):
     assert untouched.texts == texts and untouched.labels.sum() == 0
 
 
+def _mentions(text, *spans):
+    """Shard-schema entities for (cui, surface word, negated) triples of ``text``."""
+    return [{"cui": cui, "start": text.index(word), "end": text.index(word) + len(word), "negated": neg}
+            for cui, word, neg in spans]
+
+
 def test_text_swapping_leaves_reports_without_affirmed_findings():
     normal = "FINDINGS: No pleural effusion. No pneumothorax. The lungs are clear."
     sick = "FINDINGS: Right lower lobe pneumonia. Small effusion."
-    span = lambda text, word: {"start": text.index(word), "end": text.index(word) + len(word)}
-    en = [{"cui": "E", **span(normal, "pleural effusion"), "negated": True},
-          {"cui": "P", **span(normal, "pneumothorax"), "negated": True}]
-    es = [{"cui": "N", **span(sick, "pneumonia"), "negated": False},
-          {"cui": "E", **span(sick, "effusion"), "negated": False}]
+    en = _mentions(normal, ("E", "pleural effusion", True), ("P", "pneumothorax", True))
+    es = _mentions(sick, ("N", "pneumonia", False), ("E", "effusion", False))
     for mode in ("mentions", "sentence", "auto"):
         res = swap_texts([normal, sick], [en, es], p=1.0, mode=mode, rng=random.Random(0))
         assert res.texts[0] == normal and res.labels[0] == 0  # "no effusion" -> "no pneumonia" is no swap
@@ -379,11 +382,8 @@ def test_text_swapping_probability_and_hand_example():
     assert 6 <= labels.sum() <= 26
     a = "FINDINGS: Small left pleural effusion. No pneumothorax."
     b = "FINDINGS: Mild edema. No focal consolidation."
-    span = lambda text, word: {"start": text.index(word), "end": text.index(word) + len(word)}
-    ea = [{"cui": "E", **span(a, "pleural effusion"), "negated": False},
-          {"cui": "P", **span(a, "pneumothorax"), "negated": True}]
-    eb = [{"cui": "D", **span(b, "edema"), "negated": False},
-          {"cui": "C", **span(b, "consolidation"), "negated": True}]
+    ea = _mentions(a, ("E", "pleural effusion", False), ("P", "pneumothorax", True))
+    eb = _mentions(b, ("D", "edema", False), ("C", "consolidation", True))
     res = swap_texts([a, b], [ea, eb], p=1.0, mode="mentions", rng=random.Random(0))
     assert res.texts[0] in ("FINDINGS: Small left edema. No pneumothorax.",
                             "FINDINGS: Small left consolidation. No pneumothorax.")
