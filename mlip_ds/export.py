@@ -24,6 +24,7 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
+from mlip_ds.checkpoint import replace_dir
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD
 from mlip_ds.model.towers import build_model
 
@@ -59,14 +60,7 @@ def export_model(model: torch.nn.Module, model_cfg: dict, out_dir: str, info: di
         {"format": "mlip-ds-export", "version": 1, "model_config": cfg, "preprocess": preprocess,
          "info": info or {}}, indent=2))
     write_open_clip_layout(tmp, cfg, preprocess, final_dir=out)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mlip_ds.checkpoint import replace_dir
 from mlip_ds.eval import calibration as cal
 
 CLASSIFIER_FORMAT = "mlip-ds-classifier"
@@ -350,14 +351,7 @@ def save_classifier(out_dir: str, *, export_dir: str, encoder: torch.nn.Module, 
             "summary": summary, "notes": calibrated.get("notes", []), "info": _clean(info or {}),
         }
         (tmp / "classifier.json").write_text(json.dumps(_clean(meta), indent=2))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
