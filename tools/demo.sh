@@ -27,13 +27,15 @@ python tools/make_shards.py synthetic --out "$OUT/shards/probe_test" --num-sampl
     --start-index 2000000 --image-size 128 --workers 2 --overwrite
 
 echo "== 2/4 DeepSpeed pretraining, $RANKS CPU ranks, ZeRO-2: MLIP (default recipe) -> $OUT/run, CLIP -> $OUT/run_clip"
-for objective in mlip clip; do
-  run="$OUT/run"; [ "$objective" = clip ] && run="$OUT/run_clip"
+pretrain() {  # pretrain OUT_DIR TRAIN_ARGS...: the same data, steps and settings for every objective
+  local run="$1"; shift
   deepspeed --num_gpus "$RANKS" mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
-      --train-shards "$OUT/shards/pretrain" --out-dir "$run" --model tiny --objective "$objective" \
+      --train-shards "$OUT/shards/pretrain" --out-dir "$run" --model tiny \
       --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --warmup-steps 20 --workers 1 \
-      --save-every 50 --log-every 10 --resume latest
-done
+      --save-every 50 --log-every 10 --resume latest "$@"
+}
+pretrain "$OUT/run" --objective mlip        # the product: MLIP with its default recipe
+pretrain "$OUT/run_clip" --objective clip   # the baseline it is measured against
 
 echo "== 3/4 export: $OUT/run/export (safetensors + config, loadable without DeepSpeed)"
 ls -l "$OUT/run/export"
