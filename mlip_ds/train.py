@@ -192,11 +192,12 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     if cfg.run.max_steps:
         total_steps = min(total_steps, cfg.run.max_steps)
     # Fractions of the run -> steps, K from the global batch; printed once with what is known to hurt.
-    cfg = recipe.resolve(cfg, total_steps, cfg.data.batch_size * world * accum)
+    samples_per_step = cfg.data.batch_size * world * accum
+    cfg = recipe.resolve(cfg, total_steps, samples_per_step)
     if rank == 0:
-        for line in recipe.describe(cfg, total_steps, cfg.data.batch_size * world * accum):
+        for line in recipe.describe(cfg, total_steps, samples_per_step):
             log.info("recipe: %s", line)
-        for line in recipe.warnings_for(cfg, total_steps, cfg.data.batch_size * world * accum):
+        for line in recipe.warnings_for(cfg, total_steps, samples_per_step):
             log.warning("recipe: %s", line)
 
     bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
