@@ -92,7 +92,9 @@ def describe(cfg: TrainConfig, total_steps: int, global_batch: int) -> list[str]
             continue
         extra = ""
         if t == "global" and o.false_negatives != "off":
-            extra = f" (false negatives: {o.false_negatives}, {o.false_negative_match} categories)"
+            weight = (f", weight {o.false_negative_weight:g}" if o.false_negatives == "drop" and o.false_negative_weight > 0
+                      else "")
+            extra = f" (false negatives: {o.false_negatives}{weight}, {o.false_negative_match} categories)"
         if t == "divergence":
             extra = " (image-text cross terms" + (f" + image-image at T={o.image_temperature:g})"
                                                    if o.divergence_image else ")")

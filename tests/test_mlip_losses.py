@@ -88,6 +88,18 @@ def test_masked_info_nce_matches_hand_computation():
         return total / 3
     expected = 0.5 * (soft(li) + soft(lt))
     assert abs(masked_info_nce(img, txt, scale, cats, mode="soft", soft_weight=w).item() - expected) < 1e-6
+    # attenuated negatives, weight w: the pair (0, 1) counts w times in each denominator.
+    def attenuated(rows):
+        total = 0.0
+        for i, r in enumerate(rows):
+            denom = sum((w if {i, j} == {0, 1} else 1.0) * math.exp(v) for j, v in enumerate(r))
+            total += -(r[i] - math.log(denom))
+        return total / 3
+    expected = 0.5 * (attenuated(li) + attenuated(lt))
+    assert abs(masked_info_nce(img, txt, scale, cats, neg_weight=w).item() - expected) < 1e-6
+    # weight 1 is plain InfoNCE; a small weight tends to the dropped pair
+    assert torch.allclose(masked_info_nce(img, txt, scale, cats, neg_weight=1.0), info_nce(img, txt, scale), atol=1e-6)
+    assert abs(masked_info_nce(img, txt, scale, cats, neg_weight=1e-9).item() - 0.5 * (i2t + t2i)) < 1e-6
 
 
 def test_category_multi_hot_uses_non_negated_findings_and_no_finding():

@@ -12,6 +12,8 @@ Two parts:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -54,8 +56,10 @@ def category_mask(cats_local: torch.Tensor, cats_all: torch.Tensor, offset: int 
 
 
 def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, mode: str,
-               soft_weight: float) -> torch.Tensor:
+               soft_weight: float, neg_weight: float = 0.0) -> torch.Tensor:
     if mode == "drop":
+        if neg_weight > 0:  # each masked pair counts neg_weight times in the denominator: log w added to its logit
+            return F.cross_entropy(logits + math.log(neg_weight) * mask.to(logits.dtype), labels)
         return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
     if mode == "soft":
         target = F.one_hot(labels, logits.shape[1]).to(logits.dtype) + soft_weight * mask.to(logits.dtype)
@@ -77,7 +81,7 @@ def gather_categories(cats: torch.Tensor) -> torch.Tensor:
 
 def pair_info_nce(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor,
                   logit_scale: torch.Tensor, offset: int, mask: torch.Tensor | None = None,
-                  mode: str = "drop", soft_weight: float = 0.5) -> torch.Tensor:
+                  mode: str = "drop", soft_weight: float = 0.5, neg_weight: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE of the local rows ``a``/``b`` against the pools ``all_b``/``all_a``; row i's
     positive is column ``offset + i``. ``mask`` (B, N): pairs that are not negatives (``mode``
     'drop' or 'soft', see ``masked_info_nce``); None: plain InfoNCE."""
@@ -86,17 +90,19 @@ def pair_info_nce(a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: 
     logits_ba = logit_scale * b @ all_a.T
     if mask is None:
         return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
-    return 0.5 * (_masked_ce(logits_ab, labels, mask, mode, soft_weight)
-                  + _masked_ce(logits_ba, labels, mask, mode, soft_weight))
+    return 0.5 * (_masked_ce(logits_ab, labels, mask, mode, soft_weight, neg_weight)
+                  + _masked_ce(logits_ba, labels, mask, mode, soft_weight, neg_weight))
 
 
 def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                     cats: torch.Tensor, mode: str = "drop", soft_weight: float = 0.5,
-                    match: str = "exact") -> torch.Tensor:
+                    match: str = "exact", neg_weight: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch where same-category pairs are not negatives.
 
     ``cats`` (B, C) multi-hot of the local rows (gathered here, no gradient). ``mode="drop"``: their
-    logits are removed; ``"soft"``: the target puts weight 1 on the positive and ``soft_weight`` on each
+    logits are removed, or with ``neg_weight`` w in (0, 1] each counts w times in the denominator
+    (attenuated rather than dropped: w = 1 is plain InfoNCE; the push apart of two same-category
+    images, which keeps what tells them apart, is scaled by about w); ``"soft"``: the target puts weight 1 on the positive and ``soft_weight`` on each
     same-category pair, normalised. With no shared category it equals ``info_nce``.
     """
     rank, world_size = dist_info()
@@ -108,7 +114,7 @@ def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, l
                                               gather_with_grad=True, rank=rank, world_size=world_size)
     mask = category_mask(cats, gather_categories(cats), offset=offset, match=match)
     return pair_info_nce(image_features, text_features, all_image, all_text, logit_scale, offset, mask, mode,
-                         soft_weight)
+                         soft_weight, neg_weight)
 
 
 def swapped_prediction(image_scores: torch.Tensor, text_scores: torch.Tensor, image_codes: torch.Tensor,

@@ -26,13 +26,14 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                     logit_scale: torch.Tensor, cats: torch.Tensor | None = None, mode: str = "off",
                     soft_weight: float = 0.5, match: str = "exact",
                     image_image_scale: float | torch.Tensor | None = None,
-                    image_image_weight: float = 1.0) -> torch.Tensor:
+                    image_image_weight: float = 1.0, neg_weight: float = 0.0) -> torch.Tensor:
     """InfoNCE(image, text_div) + InfoNCE(image_div, text) [+ InfoNCE(image, image_div)] over the
     global batch.
 
     All four inputs are L2-normalised local rows (B, D); ``image_div``/``text_div`` come from the EMA
     encoders on the other augmented view and are detached here. ``logit_scale`` is 1/temperature.
-    ``cats`` (B, C) and ``mode`` ('off', 'drop', 'soft'): the false-negative rule of the global term.
+    ``cats`` (B, C), ``mode`` ('off', 'drop', 'soft') and ``neg_weight``: the false-negative rule of the
+    global term.
     ``image_image_scale``: 1/temperature of the image-image term, weighted by ``image_image_weight``;
     None leaves it out.
     """
@@ -50,9 +51,9 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if mode != "off" and cats is not None:
         mask = category_mask(cats, gather_categories(cats), offset=offset, match=match)
     loss = (pair_info_nce(image_features, text_div, all_image, all_text_div, logit_scale, offset, mask, mode,
-                          soft_weight)
+                          soft_weight, neg_weight)
             + pair_info_nce(image_div, text_features, all_image_div, all_text, logit_scale, offset, mask, mode,
-                            soft_weight))
+                            soft_weight, neg_weight))
     if image_image_scale is not None:
         loss = loss + image_image_weight * pair_info_nce(image_features, image_div, all_image, all_image_div,
                                                          image_image_scale, offset)

@@ -35,6 +35,9 @@ class ObjectiveConfig:
                 "best, docs/ablation.md) or 'exact' (the same set of findings)"})
     false_negatives_divergence: bool = field(default=True, metadata={
         "help": "apply the false-negative rule to the divergence cross terms too (else plain InfoNCE there)"})
+    false_negative_weight: float = field(default=0.0, metadata={"min": 0, "max": 1, "help":
+        "'drop': weight of a same-category pair in the denominator (0: dropped, 1: plain InfoNCE); between, "
+        "same-finding images are still pushed apart a little, which keeps what no report names"})
     soft_weight: float = field(default=0.5, metadata={"min": 0, "max": 1, "help": "target weight of a same-category pair ('soft')"})
     # divergence encoders
     ema_m0: float = field(default=0.99, metadata={"min": 0, "max": 1, "help": "EMA momentum at step 0 (cosine rise)"})

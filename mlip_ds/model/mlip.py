@@ -359,12 +359,13 @@ def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: Co
             terms["global"] = global_contrastive_loss(img, txt, scale)
         else:
             terms["global"] = masked_info_nce(img, txt, scale, cats, mode=o.false_negatives,
-                                              soft_weight=o.soft_weight, match=o.false_negative_match)
+                                              soft_weight=o.soft_weight, match=o.false_negative_match,
+                                              neg_weight=o.false_negative_weight)
     if on["divergence"]:
         terms["divergence"] = divergence_loss(
             img, txt, out["image_features_ema"].float(), out["text_features_ema"].float(), scale, cats=cats,
             mode=o.false_negatives if o.false_negatives_divergence else "off", soft_weight=o.soft_weight,
-            match=o.false_negative_match,
+            match=o.false_negative_match, neg_weight=o.false_negative_weight,
             image_image_scale=1.0 / o.image_temperature if o.divergence_image else None,
             image_image_weight=o.image_weight)
     if on["local"]:
