@@ -1,4 +1,4 @@
-"""The ablation runner (mlip_ds/eval/ablation.py, tools/ablate.py): each variant switches on exactly its
+"""The ablation runner (mlip_ds/ablation.py, tools/ablate.py): each variant switches on exactly its
 terms through the real trainer's parser, every variant shares steps/seed/data, the table writer on
 hand-made results, and one end-to-end run of tools/ablate.py (clip + mlip, 1 rank, a few steps) whose
 rerun skips what is done."""
@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, train_env
 
 from mlip_ds.config import build_parser, config_from_args
-from mlip_ds.eval import ablation as ab
+from mlip_ds import ablation as ab
 from mlip_ds.losses.objective import TERMS
 
 

@@ -13,7 +13,7 @@ with equal steps, seeds and data by the real DeepSpeed trainer, exported, linear
 Writes OUT/ablation.json, OUT/ablation.md and OUT/ablation.png; each run lives in
 OUT/runs/<variant>/seed<k>/. Rerunning the same command continues where it stopped: finished
 (variant, seed) runs are skipped, an interrupted training resumes from its last checkpoint.
-The logic is in mlip_ds/eval/ablation.py; docs/ablation.md has the measured table.
+The logic is in mlip_ds/ablation.py; docs/ablation.md has the measured table.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlip_ds.eval.ablation import (DEFAULT_VARIANTS, AblationError, Settings, parse_probe_spec,
-                                   run_all)
+from mlip_ds.ablation import DEFAULT_VARIANTS, AblationError, Settings, parse_probe_spec, run_all
 
 
 def _list(s: str, typ, flag: str) -> tuple:

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 from mlip_ds.launch import deepspeed_cmd, train_env
 from mlip_ds.losses.objective import TERMS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ("clip", "+divergence", "+local", "+category", "+itm", "+swap", "mlip")
 ABLATION_TERMS = TERMS + ("fn",)  # "fn": --false-negatives drop (MLIP's knowledge-category fix)
 # MLIP head sizes for the tiny towers, spelled out so the commands in docs/ablation.md stay exact:
@@ -409,35 +409,37 @@ def run_one(s: Settings, variant: str, seed: int, log: Callable[[str], None] = p
         (d / "ablation_times.json").write_text(json.dumps(times))
         did.update(trained=True, train_wall_s=wall)
         log(f"  trained in {wall:.0f} s")
+    walls = probe_all(s, f"{variant}={d / 'export'}", d, f"'{variant}' seed {seed}", log)
+    if walls:
+        did.update(probed=True, probe_wall_s=walls)
+    return did
+
+
+def probe_all(s: Settings, encoder: str, run: Path, who: str, log: Callable[[str], None] = print,
+              prefix: str = "") -> dict[str, float]:
+    """Probe ``encoder`` (a linear_probe ``--encoder`` spec) on every probe task into ``run/<task folder>``
+    (log ``run/<task folder>.log``), skipping the tasks already done. Returns {task name: wall seconds}
+    of the probes it ran."""
+    walls = {}
     for task in probe_tasks(s):
-        probe_dir = d / task.folder
+        probe_dir = run / task.folder
         what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
         if probe_done(s, probe_dir, task):
-            log(f"  {what}: done already")
+            log(f"  {prefix}{what}: done already")
             continue
-        log(f"  {what}: fractions {list(s.fractions)}, seeds {list(s.probe_seeds)}")
-        wall = _run_logged(probe_command(s, f"{variant}={d / 'export'}", probe_dir, task), d / f"{task.folder}.log",
-                           f"linear {what} of '{variant}' seed {seed}")
-        did["probed"] = True
-        did.setdefault("probe_wall_s", {})[task.name] = wall
-        log(f"  probed in {wall:.0f} s")
-    return did
+        run.mkdir(parents=True, exist_ok=True)
+        log(f"  {prefix}{what}: fractions {list(s.fractions)}, seeds {list(s.probe_seeds)}")
+        walls[task.name] = _run_logged(probe_command(s, encoder, probe_dir, task), run / f"{task.folder}.log",
+                                       f"linear {what} of {who}")
+        log(f"  probed in {walls[task.name]:.0f} s")
+    return walls
 
 
 def run_random_baseline(s: Settings, log: Callable[[str], None] = print) -> Path | None:
     """The same architecture with random weights, probed once (context for the table)."""
     src = run_dir(s, s.variants[0], s.seeds[0]) / "export"
     base = Path(s.out) / "runs" / "random-init"
-    for task in probe_tasks(s):
-        probe_dir = base / task.folder
-        what = "probe" if task.name == LEGACY_TASK else f"probe '{task.name}'"
-        if probe_done(s, probe_dir, task):
-            log(f"  random-init {what}: done already")
-            continue
-        base.mkdir(parents=True, exist_ok=True)
-        log(f"  {what} of the random-init encoder (same architecture)")
-        _run_logged(probe_command(s, f"random-init=random:{src}", probe_dir, task), base / f"{task.folder}.log",
-                    f"linear {what} of the random-init encoder")
+    probe_all(s, f"random-init=random:{src}", base, "the random-init encoder", log, prefix="random-init ")
     return base / probe_tasks(s)[0].folder
 
 
