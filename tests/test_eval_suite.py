@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mlip_ds.eval import finetune as FT
-from mlip_ds.eval import plots_extra as PX
+from mlip_ds.eval import plots as PX
 from mlip_ds.eval import retrieval as R
 from mlip_ds.eval import zero_shot as ZS
 

@@ -213,13 +213,13 @@ def test_link_command_order_with_two_workers(tmp_path, cache_dir, monkeypatch):
                 f.write("\n")  # blank lines are skipped
     env = dict(os.environ, MLIP_DS_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
     out2 = tmp_path / "two.jsonl"
-    r = subprocess.run([sys.executable, "-m", "mlip_ds.knowledge.link", "--in", str(inp), "--out", str(out2),
+    r = subprocess.run([sys.executable, "-m", "mlip_ds.knowledge.linker", "--in", str(inp), "--out", str(out2),
                         "--workers", "2", "--chunk-size", "3", "--labels"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in out2.read_text(encoding="utf-8").splitlines()]
     assert [row["id"] for row in rows] == [f"r{i}" for i in range(40)]
-    from mlip_ds.knowledge.link import link_file
+    from mlip_ds.knowledge.linker import link_file
     out1 = tmp_path / "one.jsonl"
     assert link_file(inp, out1, workers=1, with_labels=True, progress=False) == 40
     assert out1.read_bytes() == out2.read_bytes()
@@ -227,7 +227,7 @@ def test_link_command_order_with_two_workers(tmp_path, cache_dir, monkeypatch):
     # a broken line stops the run with its line number and leaves no output behind
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "text": "ok"}\n{"id": 2}\n', encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "mlip_ds.knowledge.link", "--in", str(bad), "--out",
+    r = subprocess.run([sys.executable, "-m", "mlip_ds.knowledge.linker", "--in", str(bad), "--out",
                         str(tmp_path / "bad_out.jsonl"), "--no-progress"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from mlip_ds.eval.plots_extra import DEFAULT_CURVE_PANELS, plot_training_curves, read_tb_scalars
+from mlip_ds.eval.plots import DEFAULT_CURVE_PANELS, plot_training_curves, read_tb_scalars
 
 
 def main(argv=None) -> int:

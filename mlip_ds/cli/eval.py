@@ -15,7 +15,7 @@ COMMANDS = {
     "grounding": "grounding",
     "leakage": "leakage",
     "splits": "splits",
-    "plots": "plots_extra",
+    "plots": "plots",
     "predict": "predict",
 }
 

@@ -1,4 +1,4 @@
-"""What the evaluation commands share (linear_probe, finetune, zero_shot, retrieval, plots_extra,
+"""What the evaluation commands share (linear_probe, finetune, zero_shot, retrieval, plots,
 downstream): the user-error base class, encoder specs, comma lists, label fractions and their
 stratified subsamples, result summaries and writing, the data arguments and ``main``."""
 from __future__ import annotations

@@ -459,8 +459,7 @@ def run_cli(args):
     for name, arr in arrays.items():
         np.savez_compressed(os.path.join(args.out, f"scores_{safe_name(name)}.npz"), **arr)
     if not args.no_plots:
-        from mlip_ds.eval.plots import plot_label_efficiency
-        from mlip_ds.eval.plots_extra import plot_roc_curves
+        from mlip_ds.eval.plots import plot_label_efficiency, plot_roc_curves
 
         plot_label_efficiency(results, os.path.join(args.out, "finetune.png"),
                               title="Full fine-tuning: label efficiency")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mlip_ds.data.transforms import eval_transform
-from mlip_ds.eval.plots_extra import plot_grounding, tokens_for_attention
+from mlip_ds.eval.plots import plot_grounding, tokens_for_attention
 from mlip_ds.export import load_model
 from mlip_ds.losses.objective import ObjectiveConfig
 from mlip_ds.model.concepts import ConceptVocab

@@ -534,7 +534,7 @@ def write_outputs(results: dict, arrays: dict, out_dir: str, extra: dict | None 
         safe = safe_name(name)
         np.savez_compressed(os.path.join(out_dir, f"scores_{safe}.npz"), **arr)
         if plots:
-            from mlip_ds.eval.plots_extra import plot_roc_curves
+            from mlip_ds.eval.plots import plot_roc_curves
 
             r = results[name]
             if r["task"] == "multilabel":
