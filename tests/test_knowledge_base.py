@@ -126,6 +126,21 @@ def test_build_kb_reports_missing_shared_data(tmp_path):
     assert proc.returncode == 2 and "shared data directory not found" in proc.stderr
 
 
+def test_build_kb_names_a_broken_curation_row(tmp_path):
+    """The curation tables are data files (maintainer/kb_curation/): a row with a field missing is
+    refused with its file and line, before any source is read."""
+    import shutil
+    cur = tmp_path / "kb_curation"
+    shutil.copytree(ROOT / "maintainer" / "kb_curation", cur)
+    lines = (cur / "devices.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[2] = lines[2].rstrip("\n").rsplit(",", 1)[0] + "\n"
+    (cur / "devices.csv").write_text("".join(lines), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "maintainer" / "build_kb.py"), "--curation-dir", str(cur),
+                           "--shared-data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "devices.csv:3: expected 10 fields" in proc.stderr, proc.stderr
+
+
 # ---- validation errors name the line and field -------------------------------------------------------
 def _corrupt(tmp_path, lineno, edit):
     lines = DEFAULT_KB_PATH.read_text(encoding="utf-8").splitlines()
