@@ -165,6 +165,16 @@ def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None 
     return wall
 
 
+def in_rounds(names: list[str], rounds: int, measure) -> dict[str, list]:
+    """``measure(name, round)`` for every name in every round, the names interleaved within a round
+    (a drift in the machine's load then hits each alike): {name: [its result in each round]}."""
+    results: dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names:
+            results[n].append(measure(n, r))
+    return results
+
+
 def ours_rates(out: Path, warmup: int) -> dict:
     """Per-step samples/s (global) from the trainer's train_log.jsonl, after ``warmup`` steps."""
     records = {}

@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (ROOT, add_common_args, begin, bench_env, machine_line, median, run_logged,
-                          show, table, work_dir)
+from bench_common import (ROOT, add_common_args, begin, bench_env, in_rounds, machine_line, median,
+                          run_logged, show, table, work_dir)
 
 from mlip_ds.launch import deepspeed_cmd
 
@@ -121,21 +121,22 @@ def main(argv=None) -> None:
         raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
     work, tmp = work_dir(args.work, "bench_engine_")
     begun = begin(args)
-    rates: dict[str, list[float]] = {s: [] for s in systems}
-    steps: dict[str, list[float]] = {s: [] for s in systems}
     cmds = {}
-    for r in range(args.rounds):
-        for system in systems:
-            out = work / f"{system}-{r}.json"
-            cmd = deepspeed_cmd(["--worker", system, "--out", out, "--model", args.model, "--batch-size",
-                                 args.batch_size, "--steps", args.steps, "--warmup", args.warmup],
-                                ranks=args.ranks, ds_config=None, script=Path(__file__).resolve())
-            cmds.setdefault(system, show(cmd))
-            run_logged(cmd, work / f"{system}-{r}.log", timeout=3600, env=bench_env())
-            res = json.loads(out.read_text())
-            rates[system].append(res["samples_per_s"])
-            steps[system].append(res["step_s"] * 1000)
-            print(f"round {r} {system}: {res['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+
+    def run(system: str, r: int) -> dict:
+        out = work / f"{system}-{r}.json"
+        cmd = deepspeed_cmd(["--worker", system, "--out", out, "--model", args.model, "--batch-size",
+                             args.batch_size, "--steps", args.steps, "--warmup", args.warmup],
+                            ranks=args.ranks, ds_config=None, script=Path(__file__).resolve())
+        cmds.setdefault(system, show(cmd))
+        run_logged(cmd, work / f"{system}-{r}.log", timeout=3600, env=bench_env())
+        res = json.loads(out.read_text())
+        print(f"round {r} {system}: {res['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+        return res
+
+    results = in_rounds(systems, args.rounds, run)
+    rates = {s: [res["samples_per_s"] for res in results[s]] for s in systems}
+    steps = {s: [res["step_s"] * 1000 for res in results[s]] for s in systems}
     print(machine_line(begun))
     print(f"model {args.model}, {args.ranks} ranks x batch {args.batch_size}, fp32, one fixed batch per rank (no "
           f"loader), median step of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), medians")

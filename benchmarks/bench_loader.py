@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (add_common_args, begin, bench_env, load_avg, machine_line,
+from bench_common import (add_common_args, begin, bench_env, in_rounds, load_avg, machine_line,
                           make_synthetic_shards, median, ours_cmd, ours_rates, run_logged, show, table,
                           work_dir)
 
@@ -86,21 +86,23 @@ def main(argv=None) -> None:
     shards = make_synthetic_shards(work / "shards", args.samples, image_size, samples_per_shard=max(16, args.samples // 8))
     objectives = [o for o in args.objectives.split(",") if o]
     begun = begin(args)
-    loader: dict[str, list[float]] = {o: [] for o in objectives}
-    train: dict[str, list[dict]] = {o: [] for o in objectives}
     cmds = {}
-    for i in range(args.repeats):
-        for o in objectives:
-            loader[o].append(loader_rate(o, shards, args.model, args.batch_size, args.batches, args.warmup,
-                                         args.workers))
-            out = work / f"train-{o}-{i}"
-            cmds[o] = ours_cmd(o, shards, out, model=args.model, batch_size=args.batch_size,
-                               steps=args.warmup + args.steps, ranks=args.ranks, workers=args.workers)
-            run_logged(cmds[o], work / f"train-{o}-{i}.log", args.timeout)
-            train[o].append(ours_rates(out, args.warmup))
-            print(f"  {o} round {i + 1}: loader {loader[o][-1]:.1f} samples/s, train "
-                  f"{median(train[o][-1]['rates']):.1f} samples/s (global), load {load_avg()}", file=sys.stderr,
-                  flush=True)
+
+    def run(o: str, i: int) -> tuple[float, dict]:
+        """One round of one objective: the loader alone, then a training run."""
+        rate = loader_rate(o, shards, args.model, args.batch_size, args.batches, args.warmup, args.workers)
+        out = work / f"train-{o}-{i}"
+        cmds[o] = ours_cmd(o, shards, out, model=args.model, batch_size=args.batch_size,
+                           steps=args.warmup + args.steps, ranks=args.ranks, workers=args.workers)
+        run_logged(cmds[o], work / f"train-{o}-{i}.log", args.timeout)
+        trained = ours_rates(out, args.warmup)
+        print(f"  {o} round {i + 1}: loader {rate:.1f} samples/s, train {median(trained['rates']):.1f} samples/s "
+              f"(global), load {load_avg()}", file=sys.stderr, flush=True)
+        return rate, trained
+
+    results = in_rounds(objectives, args.repeats, run)
+    loader = {o: [rate for rate, _ in results[o]] for o in objectives}
+    train = {o: [trained for _, trained in results[o]] for o in objectives}
     load_end = load_avg()
     rows = []
     for o in objectives:

@@ -30,6 +30,18 @@ def rows_of(path):
         return list(csv.DictReader(f))
 
 
+def table_and_dicoms(root, table, header, ids, lines, folder, pixels):
+    """An RSNA / SIIM-like dataset: ROOT/``table`` (``header``, then ``lines(i, id)`` per id) and one
+    DICOM per id, ``folder(i)/<id>.dcm`` holding ``pixels(i)``."""
+    root.mkdir()
+    with open(root / table, "w") as f:
+        f.write(header + "\n")
+        for i, key in enumerate(ids):
+            f.write(lines(i, key))
+            os.makedirs(folder(i), exist_ok=True)
+            write_dicom(folder(i) / f"{key}.dcm", pixels(i))
+
+
 def test_chexpert_5x200(tmp_path):
     root = tmp_path / "CheXpert-v1.0-small"
     cols = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding"] + S.CHEXPERT_OTHER[:1] + \
@@ -86,17 +98,11 @@ def test_chexpert_5x200(tmp_path):
 def test_rsna_dicoms_and_probe_reads_them(tmp_path):
     root = tmp_path / "rsna"
     ids = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(20)]
-    root.mkdir()
-    with open(root / "stage_2_train_labels.csv", "w") as f:
-        f.write("patientId,x,y,width,height,Target\n")
-        for i, pid in enumerate(ids):
-            if i % 3 == 0:
-                f.write(f"{pid},1,2,3,4,1\n{pid},5,6,7,8,1\n")  # two boxes, one image
-            else:
-                f.write(f"{pid},,,,,0\n")
-            os.makedirs(root / "stage_2_train_images", exist_ok=True)
-            write_dicom(root / "stage_2_train_images" / f"{pid}.dcm",
-                        np.random.default_rng(i).integers(0, 4000, (24, 24)))
+    table_and_dicoms(root, "stage_2_train_labels.csv", "patientId,x,y,width,height,Target", ids,
+                     # a positive patient: two boxes, one image
+                     lambda i, pid: f"{pid},1,2,3,4,1\n{pid},5,6,7,8,1\n" if i % 3 == 0 else f"{pid},,,,,0\n",
+                     lambda i: root / "stage_2_train_images",
+                     lambda i: np.random.default_rng(i).integers(0, 4000, (24, 24)))
     s = S.build("rsna", str(root), str(tmp_path / "out"), tree=True)
     out = rows_of(tmp_path / "out" / "rsna.csv")
     assert len(out) == 20 and s["counts"]["train"]["images"] == 14
@@ -126,16 +132,11 @@ def test_mgca_three_way_matches_sklearn_on_a_frame_like_list():
 def test_siim_dedup_and_study(tmp_path):
     root = tmp_path / "siim"
     ids = [f"1.2.276.0.7230010.3.1.4.{i}" for i in range(10)]
-    root.mkdir()
-    with open(root / "train-rle.csv", "w") as f:
-        f.write("ImageId, EncodedPixels\n")
-        for i, iid in enumerate(ids):
-            f.write(f"{iid}, {'-1' if i % 2 else '10 5 20 5'}\n")
-            if i == 4:
-                f.write(f"{iid}, 40 2\n")  # a second mask row of the same image
-            d = root / "dicom-images-train" / f"1.2.study{i}" / f"1.2.series{i}"
-            d.mkdir(parents=True)
-            write_dicom(d / f"{iid}.dcm", np.full((8, 8), i * 100))
+    table_and_dicoms(root, "train-rle.csv", "ImageId, EncodedPixels", ids,
+                     # image 4 has a second mask row
+                     lambda i, iid: f"{iid}, {'-1' if i % 2 else '10 5 20 5'}\n" + (f"{iid}, 40 2\n" if i == 4 else ""),
+                     lambda i: root / "dicom-images-train" / f"1.2.study{i}" / f"1.2.series{i}",
+                     lambda i: np.full((8, 8), i * 100))
     s = S.build("siim", str(root), str(tmp_path / "out"))
     out = rows_of(tmp_path / "out" / "siim.csv")
     assert len(out) == 10 and any("duplicate" in n for n in s["notes"])

@@ -150,6 +150,25 @@ def build_chexpert5x200(root: str, n: int = 200, seed: int = 0):
     return recs, list(CHEXPERT_TASKS), proto, notes
 
 
+def _mgca_binary(root: str, keys: Sequence[str], positive: dict, finding: str, key_name: str, seed: int,
+                 ids) -> tuple[list, list]:
+    """RSNA's and SIIM's split: ``keys`` (one image each) in the given order, 70/15/15 by
+    ``mgca_three_way``, one 0/1 label ``finding`` (class ``finding`` or Normal). ``ids(key, path)``
+    gives (patient_id, study_id). Keys without an image under ``root`` are left out and noted."""
+    split = mgca_three_way(len(keys), 0.15, seed)
+    images = _index(root)
+    recs, missing = [], []
+    for i, key in enumerate(keys):
+        if key not in images:
+            missing.append(key)
+            continue
+        patient, study = ids(key, images[key])
+        recs.append(_rec(images[key], split[i], {finding: int(positive[key])}, key, patient, study,
+                         cls=finding if positive[key] else "Normal"))
+    notes = [f"{len(missing)} {key_name}(s) without an image, left out (e.g. {missing[:3]})"] if missing else []
+    return recs, notes
+
+
 def build_rsna(root: str, seed: int = 0):
     path = os.path.join(root, "stage_2_train_labels.csv")
     cols, rows = _read_csv(path)
@@ -157,17 +176,8 @@ def build_rsna(root: str, seed: int = 0):
     pos: dict[str, bool] = {}
     for r in rows:
         pos[r["patientId"]] = pos.get(r["patientId"], False) or r["Target"] in ("1", "1.0")
-    ids = sorted(pos)
-    split = mgca_three_way(len(ids), 0.15, seed)
-    images = _index(root)
-    recs, missing = [], []
-    for i, pid in enumerate(ids):
-        if pid not in images:
-            missing.append(pid)
-            continue
-        recs.append(_rec(images[pid], split[i], {"Pneumonia": int(pos[pid])}, pid, pid, pid,
-                         cls="Pneumonia" if pos[pid] else "Normal"))
-    notes = [f"{len(missing)} patientId(s) without an image, left out (e.g. {missing[:3]})"] if missing else []
+    recs, notes = _mgca_binary(root, sorted(pos), pos, "Pneumonia", "patientId", seed,
+                               lambda pid, image: (pid, pid))
     return recs, ["Pneumonia"], f"MGCA RSNA: patients sorted, 70/15/15 train/test/valid, random_state={seed}", notes
 
 
@@ -184,22 +194,11 @@ def build_siim(root: str, seed: int = 0):
             order.append(iid)
             pos[iid] = False
         pos[iid] = pos[iid] or r["EncodedPixels"] not in ("-1", "")
-    split = mgca_three_way(len(order), 0.15, seed)
-    images = _index(root)
-    recs, missing = [], []
-    for i, iid in enumerate(order):
-        if iid not in images:
-            missing.append(iid)
-            continue
-        p = images[iid]
-        study = os.path.basename(os.path.dirname(os.path.dirname(p)))
-        recs.append(_rec(p, split[i], {"Pneumothorax": int(pos[iid])}, iid, "", study,
-                         cls="Pneumothorax" if pos[iid] else "Normal"))
-    notes = []
+    # study_id: the DICOM's study folder (dicom-images-train/<study>/<series>/<ImageId>.dcm)
+    recs, notes = _mgca_binary(root, order, pos, "Pneumothorax", "ImageId", seed,
+                               lambda iid, image: ("", os.path.basename(os.path.dirname(os.path.dirname(image)))))
     if len(order) < len(rows):
-        notes.append(f"{len(rows) - len(order)} duplicate ImageId row(s) merged (one image, one split)")
-    if missing:
-        notes.append(f"{len(missing)} ImageId(s) without an image, left out (e.g. {missing[:3]})")
+        notes.insert(0, f"{len(rows) - len(order)} duplicate ImageId row(s) merged (one image, one split)")
     return recs, ["Pneumothorax"], f"MGCA SIIM: ImageIds deduplicated in file order, 70/15/15, random_state={seed}", notes
 
 
