@@ -15,6 +15,10 @@
 # logs and pid files in STATE_DIR, loopback addresses), starts slurmctld and slurmd with -f that
 # file and waits until sinfo shows the node idle. Idempotent: daemons already running from
 # STATE_DIR are kept. Everything but the export line goes to stderr.
+# Sourced (`. tools/slurm_local.sh`), it only defines its functions, for a script that builds
+# another cluster the same way (benchmarks/bench_two_nodes.sh: two nodes, one in a network
+# namespace): slurm_local_init STATE_DIR, install_packages, start_munge, write_conf, start_slurmctld,
+# start_slurmd, wait_nodes_up, slurm_stop.
 # Environment:
 #   MLIP_SLURM_PORT         slurmctld port (default 6817; slurmd uses it + 1): give each cluster
 #                           running at the same time its own
@@ -26,30 +30,28 @@
 # Exit codes: 0 ok, 1 failure, 3 not root, 4 the packages could not be installed.
 set -euo pipefail
 
-CMD="${1:-}"
-STATE_DIR="${2:-${MLIP_SLURM_DIR:-/tmp/mlip-slurm}}"
-CTLD_PORT="${MLIP_SLURM_PORT:-6817}"
-SLURMD_PORT=$((CTLD_PORT + 1))
-MAXTIME="${MLIP_SLURM_MAXTIME:-2-00:00:00}"
-WAIT_S="${MLIP_SLURM_WAIT:-60}"
-CRED_EXPIRE="${MLIP_SLURM_CRED_EXPIRE:-5}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { echo "[slurm_local] $*" >&2; }
 die() { log "error: $*"; exit "${2:-1}"; }
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
   exit 2
 }
 
-[ -n "$CMD" ] || usage
-case "$CMD" in start|stop|status) ;; -h|--help|help) usage ;; *) usage ;; esac
-
-mkdir -p "$STATE_DIR" 2>/dev/null || true
-STATE_DIR="$(cd "$STATE_DIR" 2>/dev/null && pwd || echo "$STATE_DIR")"
-CONF="$STATE_DIR/slurm.conf"
-HOST="$(hostname -s 2>/dev/null || hostname)"
+slurm_local_init() {  # STATE_DIR: the settings every function below reads
+  STATE_DIR="$1"
+  mkdir -p "$STATE_DIR" 2>/dev/null || true
+  STATE_DIR="$(cd "$STATE_DIR" 2>/dev/null && pwd || echo "$STATE_DIR")"
+  CONF="$STATE_DIR/slurm.conf"
+  HOST="$(hostname -s 2>/dev/null || hostname)"
+  CTLD_PORT="${MLIP_SLURM_PORT:-6817}"
+  SLURMD_PORT=$((CTLD_PORT + 1))
+  MAXTIME="${MLIP_SLURM_MAXTIME:-2-00:00:00}"
+  WAIT_S="${MLIP_SLURM_WAIT:-60}"
+  CRED_EXPIRE="${MLIP_SLURM_CRED_EXPIRE:-5}"
+}
 
 pid_alive() {  # pid file -> 0 if the process in it runs
   local pid
@@ -57,8 +59,6 @@ pid_alive() {  # pid file -> 0 if the process in it runs
   pid="$(cat "$1" 2>/dev/null)" || return 1
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
-
-node_state() { SLURM_CONF="$CONF" timeout 10 sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -1; }
 
 install_packages() {
   local missing=()
@@ -106,16 +106,29 @@ start_munge() {
   die "munged did not start (see /var/log/munge/munged.log)"
 }
 
+# write_conf CLUSTER CTLD_ADDR NODE...: STATE_DIR/slurm.conf for a cluster whose controller runs on
+# this host at CTLD_ADDR, one partition ("debug", the default) over the nodes; NODE is
+# name:addr:cpus:memory_mb. One node keeps the file names slurmd.pid and slurmd.log; with more,
+# each slurmd (started with -N name) writes slurmd-<name>.pid and .log.
 write_conf() {
-  local cpus mem tmp
-  cpus="${MLIP_SLURM_CPUS:-$(ncpus)}"
-  mem="$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
+  local cluster=$1 ctld_addr=$2 slurmd=slurmd nodes="" lines="" node name addr cpus mem tmp listen
+  shift 2
+  [ $# -gt 1 ] && slurmd='slurmd-%n'
+  for node in "$@"; do
+    IFS=: read -r name addr cpus mem <<<"$node"
+    lines+="NodeName=$name NodeAddr=$addr NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN"$'\n'
+    nodes+="${nodes:+,}$name"
+  done
+  # On loopback the daemons bind to their own address only; on a real (or veth) network they
+  # listen on every address of their namespace, where the other nodes reach them.
+  listen="# The daemons listen on every address of their network namespace."
+  [ "$ctld_addr" = 127.0.0.1 ] && listen="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
   mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log" "$STATE_DIR/run"
   tmp="$CONF.tmp.$$"
   cat >"$tmp" <<EOF
-# Written by tools/slurm_local.sh: a one-node cluster on $HOST, state in $STATE_DIR.
-ClusterName=mlip-local
-SlurmctldHost=$HOST(127.0.0.1)
+# Written by tools/slurm_local.sh: cluster $cluster on $HOST (nodes $nodes), state in $STATE_DIR.
+ClusterName=$cluster
+SlurmctldHost=$HOST($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -123,13 +136,13 @@ SlurmdUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds before it may start again (default 120).
 AuthInfo=cred_expire=$CRED_EXPIRE
-CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+$listen
 StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool/slurmd-%n
 SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
-SlurmdPidFile=$STATE_DIR/run/slurmd.pid
+SlurmdPidFile=$STATE_DIR/run/$slurmd.pid
 SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
-SlurmdLogFile=$STATE_DIR/log/slurmd.log
+SlurmdLogFile=$STATE_DIR/log/$slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -151,49 +164,57 @@ MinJobAge=3600
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
-NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=$MAXTIME State=UP OverSubscribe=NO
+${lines}PartitionName=debug Nodes=$nodes Default=YES MaxTime=$MAXTIME State=UP OverSubscribe=NO
 EOF
   mv "$tmp" "$CONF"
 }
 
-start() {
+start_slurmctld() {
+  log "starting slurmctld (port $CTLD_PORT, conf $CONF)"
+  slurmctld -f "$CONF" || die "slurmctld did not start (see $STATE_DIR/log/slurmctld.log)"
+}
+
+start_slurmd() {  # [NODE [PREFIX...]]: the slurmd of node NODE (-N; default: this host's), run under PREFIX
+  local node="${1:-}"
+  shift || true
+  log "starting slurmd${node:+ $node} (port $SLURMD_PORT)"
+  "$@" slurmd -f "$CONF" ${node:+-N "$node"} \
+    || die "slurmd${node:+ $node} did not start (see $STATE_DIR/log/slurmd${node:+-$node}.log)"
+}
+
+# Waits until sinfo shows every node of the cluster up (idle, mixed, allocated or completing);
+# a node left down by an earlier run of this state dir is resumed once.
+wait_nodes_up() {
+  local states="" t0=$SECONDS resumed=0 node
+  while [ $((SECONDS - t0)) -lt "$WAIT_S" ]; do
+    states="$(SLURM_CONF="$CONF" timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null || true)"
+    [ -n "$states" ] && ! grep -qvE ' (idle|mixed|allocated|completing)$' <<<"$states" && return 0
+    if [ $resumed -eq 0 ]; then
+      for node in $(awk '$2 ~ /^(down|drain|fail)/ {print $1}' <<<"$states"); do
+        SLURM_CONF="$CONF" scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+        resumed=1
+      done
+    fi
+    sleep 0.3
+  done
+  die "nodes not up after ${WAIT_S}s: $(echo ${states:-not answering}) (logs in $STATE_DIR/log)"
+}
+
+slurm_start() {
   [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and starts munged and the SLURM daemons as root)" 3
   install_packages
   start_munge
-  local fresh=0
+  local fresh=0 cpus="${MLIP_SLURM_CPUS:-$(ncpus)}" mem
   if ! pid_alive "$STATE_DIR/run/slurmctld.pid" || ! pid_alive "$STATE_DIR/run/slurmd.pid"; then
-    write_conf
+    mem="$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)"
+    write_conf mlip-local 127.0.0.1 "$HOST:127.0.0.1:$cpus:$mem"
     fresh=1
   fi
-  if ! pid_alive "$STATE_DIR/run/slurmctld.pid"; then
-    log "starting slurmctld (port $CTLD_PORT, conf $CONF)"
-    slurmctld -f "$CONF" || die "slurmctld did not start (see $STATE_DIR/log/slurmctld.log)"
-  fi
-  if ! pid_alive "$STATE_DIR/run/slurmd.pid"; then
-    log "starting slurmd (port $SLURMD_PORT)"
-    slurmd -f "$CONF" || die "slurmd did not start (see $STATE_DIR/log/slurmd.log)"
-  fi
-  local state="" t0=$SECONDS resumed=0
-  while [ $((SECONDS - t0)) -lt "$WAIT_S" ]; do
-    state="$(node_state)"
-    case "$state" in
-      idle|mixed|allocated|completing) break ;;
-      down*|drain*|fail*)
-        # A node left down by an earlier run of this state dir: bring it back once.
-        if [ $resumed -eq 0 ]; then
-          SLURM_CONF="$CONF" scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
-          resumed=1
-        fi ;;
-    esac
-    sleep 0.3
-  done
-  case "$state" in
-    idle|mixed|allocated|completing) ;;
-    *) die "node $HOST is '${state:-not answering}' after ${WAIT_S}s (logs in $STATE_DIR/log)" ;;
-  esac
-  [ $fresh -eq 1 ] && log "cluster up in $((SECONDS))s: node $HOST, ${MLIP_SLURM_CPUS:-$(ncpus)} CPUs, partition debug" \
-                   || log "cluster already running: node $HOST is $state"
+  pid_alive "$STATE_DIR/run/slurmctld.pid" || start_slurmctld
+  pid_alive "$STATE_DIR/run/slurmd.pid" || start_slurmd
+  wait_nodes_up
+  [ $fresh -eq 1 ] && log "cluster up in $((SECONDS))s: node $HOST, $cpus CPUs, partition debug" \
+                   || log "cluster already running: node $HOST is up"
   echo "export SLURM_CONF=$CONF"
 }
 
@@ -208,7 +229,7 @@ stop_pid() {  # name pidfile
   rm -f "$2"
 }
 
-stop() {
+slurm_stop() {  # cancels the cluster's jobs, then stops every slurmd and the slurmctld of STATE_DIR
   if pid_alive "$STATE_DIR/run/slurmctld.pid"; then
     # Cancel this cluster's jobs first, so no training processes outlive the daemons.
     local jobs
@@ -223,12 +244,15 @@ stop() {
       done
     fi
   fi
-  stop_pid slurmd "$STATE_DIR/run/slurmd.pid"
+  local pidfile
+  for pidfile in "$STATE_DIR"/run/slurmd*.pid; do
+    stop_pid "$(basename "$pidfile" .pid)" "$pidfile"
+  done
   stop_pid slurmctld "$STATE_DIR/run/slurmctld.pid"
   log "stopped (munged is left running; state and logs stay in $STATE_DIR)"
 }
 
-status() {
+slurm_status() {
   local ok=0
   for d in slurmctld slurmd; do
     if pid_alive "$STATE_DIR/run/$d.pid"; then log "$d: running (pid $(cat "$STATE_DIR/run/$d.pid"))"
@@ -243,4 +267,12 @@ status() {
   return $ok
 }
 
-"$CMD"
+slurm_local_main() {
+  case "${1:-}" in start|stop|status) ;; *) usage ;; esac
+  slurm_local_init "${2:-${MLIP_SLURM_DIR:-/tmp/mlip-slurm}}"
+  "slurm_$1"
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  slurm_local_main "$@"
+fi

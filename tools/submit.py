@@ -11,7 +11,9 @@ them; train.py flags after `--` come last. `--cluster` is always handed to submi
 this machine) or `debug` (in this process, one task).
 
 Each task runs `python mlip_ds/train.py ... --resume latest` as a child process with RANK,
-LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT taken from submitit.JobEnvironment(). Why a
+LOCAL_RANK and WORLD_SIZE taken from submitit.JobEnvironment(), MASTER_ADDR the first node's
+NodeAddr (`scontrol show node`, as slurm/pretrain.sh; node names need not resolve) and
+MASTER_PORT 20000 + crc32(job id) mod 20000 (or MLIP_MASTER_PORT). Why a
 child process and not `mlip_ds.train.main()` in the task process: train.py installs its own
 SIGTERM/SIGUSR1 handlers (checkpoint at the next step, exit 75) and submitit installs SIGUSR2
 (checkpoint + requeue) and SIGTERM handlers in the task process; in one process the two fight,
@@ -31,6 +33,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +53,19 @@ def _has_gpu() -> bool:
         return subprocess.run([smi, "-L"], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+def slurm_node_addr(node: str) -> str:
+    """The address SLURM reaches `node` at (its NodeAddr in `scontrol show node`); the node name itself
+    where scontrol does not answer or shows none."""
+    try:
+        r = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return node
+    for word in r.stdout.split():
+        if word.startswith("NodeAddr="):
+            return word.split("=", 1)[1] or node
+    return node
 
 
 class Pretrain:
@@ -86,10 +102,9 @@ class Pretrain:
     def rank_env(self) -> dict:
         import submitit
         env = submitit.JobEnvironment()
-        if env.cluster == "slurm":
-            master = env.hostnames[0]
-        else:
-            master = "127.0.0.1"
+        # The rendezvous is the first node of the job, at the address SLURM itself reaches it by (as in
+        # slurm/pretrain.sh): node names need not resolve on the other nodes.
+        master = slurm_node_addr(env.hostnames[0]) if env.cluster == "slurm" else "127.0.0.1"
         port = os.environ.get("MLIP_MASTER_PORT") or str(20000 + zlib.crc32(str(env.job_id).encode()) % 20000)
         cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(self.settings.get("cpus_per_task") or 1)
         out = {"RANK": str(env.global_rank), "LOCAL_RANK": str(env.local_rank),
@@ -104,7 +119,9 @@ class Pretrain:
         self._forget_earlier_result()
         argv = [self.settings["python"], "-u"] + self.train_argv()
         rank = env["RANK"]
-        print(f"[submit.py] rank {rank}/{env['WORLD_SIZE']} master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: "
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"[submit.py] rank {rank}/{env['WORLD_SIZE']} on node {node}, restart "
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}, master {env['MASTER_ADDR']}:{env['MASTER_PORT']}: "
               f"{shlex.join(argv)}", flush=True)
         # The child ignores SIGUSR2 (submitit's time-limit/preemption signal, sent by SLURM to every
         # process of the step); SIGTERM and SIGUSR1 reach train.py's own handler.
