@@ -1,11 +1,13 @@
-"""DeepSpeed entry point: shards -> batches -> MLIP model -> objective terms -> optimizer step.
+"""DeepSpeed entry point: shards -> batches -> MLIP model -> objective -> optimizer step.
 
     deepspeed --num_gpus 2 mlip_ds/train.py --deepspeed_config ds_configs/zero2.json \
         --train-shards data/shards --out-dir runs/demo
 
 Reads top to bottom: setup (validate inputs before DeepSpeed starts), build, resume, loop,
 checkpoint, export. The objective (``--objective clip|mlip``, ``--use-<term>``) decides which parts
-of ``MLIPModel`` exist; with the CLIP preset the model and the loop are the plain two-tower CLIP.
+of ``MLIPModel`` exist; the loop asks ``mlip_ds.objective.Objective`` for everything about it (the
+batch, the loss, what to do after a step), so with the CLIP preset the model and the loop are the
+plain two-tower CLIP.
 """
 from __future__ import annotations
 
@@ -36,12 +38,12 @@ from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
 from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config, resolve_ds_config  # noqa: E402
 from mlip_ds.export import export_model  # noqa: E402
-from mlip_ds.losses.objective import TERMS, active_terms, total_loss  # noqa: E402
+from mlip_ds.losses.objective import TERMS  # noqa: E402
 from mlip_ds.model import adapters, warm_start  # noqa: E402
 from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
-from mlip_ds.model.mlip import (BatchPreparer, MLIPModel, compute_terms, mlip_parts_on, mlip_state,  # noqa: E402
-                                needs)
+from mlip_ds.model.mlip import MLIPModel, needs  # noqa: E402
 from mlip_ds.model.towers import build_model, build_tokenizer  # noqa: E402
+from mlip_ds.objective import Objective  # noqa: E402
 from mlip_ds.sync_audit import SyncAudit  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
@@ -224,8 +226,6 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     model = MLIPModel(clip, cfg.objective, num_concepts=len(vocab) if vocab else 0,
                       num_categories=len(vocab.categories) if vocab else 0,
                       special_ids=tuple(tokenizer.tokenizer.all_special_ids))
-    preparer = BatchPreparer(cfg.objective, tokenizer, vocab, cfg.knowledge.concept_context_length,
-                             cfg.knowledge.max_mentions)
 
     nan_check = resolve_nan_check(cfg.run.nan_check, ds_config)
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, recipe.pretrained_towers(cfg),
@@ -239,12 +239,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" and nan_check != "sync" else None
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     module = engine.module
-    if dtype != torch.float32 and cfg.objective.use_divergence:
-        # EMA weights in fp32: with m = 0.999 a bf16 copy could not move (its step is below bf16's
-        # resolution); their forward runs under autocast.
-        module.ema_visual.float()
-        module.ema_text.float()
-    prior = getattr(module, "prior", None)
+    objective = Objective(cfg.objective, module, tokenizer, vocab, cfg.knowledge, dtype, ds_stage)
     run_info = {"objective": cfg.objective.__dict__, "concepts": vocab.fingerprint() if vocab else None}
 
     streams = max(1, cfg.data.workers)
@@ -298,15 +293,12 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last,
                         signature)
 
-    data_needs = needs(cfg.objective)
     sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
                           image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
-                          cfg.data.data_mode, second_view=data_needs["second_view"], raw=data_needs["raw"],
-                          text_word_dropout=cfg.data.text_word_dropout,
-                          text_sentence_shuffle=cfg.data.text_sentence_shuffle,
-                          batch_fn=preparer if preparer.active else None)
+                          cfg.data.data_mode, text_word_dropout=cfg.data.text_word_dropout,
+                          text_sentence_shuffle=cfg.data.text_sentence_shuffle, **objective.loader_options())
         loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
                                    resume_positions=rank_state["positions"])
         t_wait = time.time()
@@ -319,16 +311,10 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             state["samples_seen"] += global_batch
             window["samples"] += global_batch
 
-            if hasattr(module, "prototypes"):  # MGCA: frozen at first (--freeze-prototypes)
-                frozen = state["step"] < cfg.objective.freeze_prototypes_steps
-                if module.prototypes.frozen != frozen:
-                    module.prototypes.freeze(frozen)
-            active = active_terms(cfg.objective, state["step"])  # a delayed term is not computed
-            inputs = preparer.to_device(batch, device, dtype)
-            out = engine(**inputs, active=active)
-            prior_before = prior.counts.clone() if prior is not None else None
-            loss, named = total_loss(compute_terms(out, inputs, cfg.objective, prior, active=active),
-                                     cfg.objective, step=state["step"])
+            objective.before_step(state["step"])
+            inputs = objective.prepare_batch(batch, device, dtype)
+            out = engine(**inputs, active=objective.active(state["step"]))  # a delayed term is not computed
+            loss, named = objective.loss(out, inputs, state["step"])
             if state["samples_seen"] // global_batch in injected_nan:
                 loss = loss * float("nan")
             if nan_check == "sync":
@@ -342,16 +328,14 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                 skip, stop_now = (v > 0 for v in flags.tolist())
             else:
                 # DeepSpeed's gradient-overflow check (bf16/fp16) drops the whole optimizer step on
-                # every rank; here only the co-occurrence table is guarded, on the device. The stop
+                # every rank; here only the objective's own state is guarded, on the device. The stop
                 # flag goes over gloo: no device sync.
                 flag = torch.tensor([float(stop.requested)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group)
                 skip, stop_now = False, bool(flag[0] > 0)
-                if prior is not None:
-                    prior.counts.copy_(torch.where(torch.isfinite(loss), prior.counts, prior_before))
+                objective.discard_if_non_finite(loss)
             if skip:
-                if prior is not None:  # the skipped step leaves no trace in the co-occurrence table
-                    prior.counts.copy_(prior_before)
+                objective.discard()  # the skipped step leaves no trace in the objective's state
                 nan_in_a_row = _count_nan_step(state, nan_in_a_row, cfg, save_checkpoint, ckpt_dir)
             else:
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -362,7 +346,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                 elif boundary:
                     nan_in_a_row = 0
                     state["step"] += 1
-                    after_optimizer_step(module, state["step"], total_steps, ds_stage)
+                    objective.after_step(state["step"], total_steps)
                     sync_audit.after_step(state["step"])
                     progress.update(1)
                     if state["step"] % cfg.run.log_every == 0 or state["step"] == total_steps:
@@ -404,8 +388,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             export_model(module.clip_model(), model_cfg, str(export_dir),
                          info={"step": state["step"], "samples_seen": state["samples_seen"],
                                "objective": cfg.objective.__dict__})
-            if mlip_parts_on(cfg.objective):
-                export_mlip_state(module, vocab, cfg, export_dir)
+            objective.export(export_dir)
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
                "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world,
                "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -417,35 +400,6 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         print(f"done: {summary}", flush=True)
     dist.barrier()
     return summary
-
-
-def after_optimizer_step(module: MLIPModel, step: int, total_steps: int, ds_stage: int) -> None:
-    """EMA update of the divergence encoders; prototypes back onto the unit sphere (SwAV), in the
-    module and in the optimizer's fp32 master copy (else the next step would undo it)."""
-    module.ema_step(step, total_steps)
-    protos = getattr(module, "prototypes", None)
-    if protos is None or protos.frozen:
-        return
-    weight = protos.weight
-    with torch.no_grad():
-        master = deepspeed.utils.safe_get_full_fp32_param(weight)
-        if master is not None:
-            deepspeed.utils.safe_set_full_fp32_param(weight, torch.nn.functional.normalize(master, dim=-1))
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=ds_stage == 3):
-            protos.normalize_()
-
-
-def export_mlip_state(module: MLIPModel, vocab: ConceptVocab | None, cfg: TrainConfig, export_dir: Path) -> None:
-    """Next to the two-tower export: ``mlip_state.safetensors`` (EMA towers, knowledge encoder, TKP
-    attention, prototypes, fusion and heads) and ``mlip.json`` (objective, concept vocabulary)."""
-    from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in mlip_state(module).items()}
-    tmp = export_dir / ".mlip_state.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, export_dir / "mlip_state.safetensors")
-    info = {"objective": module.objective.__dict__, "knowledge": cfg.knowledge.__dict__,  # head sizes resolved
-            "concepts": vocab.to_json() if vocab else None}
-    checkpoint.atomic_write_text(export_dir / "mlip.json", json.dumps(info, indent=1))
 
 
 class NonFiniteLossError(RuntimeError):

@@ -15,8 +15,10 @@ from mlip_ds.losses.objective import TERMS, total_loss
 from mlip_ds.losses.swap import negation_words
 from mlip_ds.model.concepts import ConceptVocab, load_concepts, unique_rows
 from mlip_ds.model.knowledge_encoder import pad_mentions
-from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms, mlip_state
+from mlip_ds.model.mlip import MLIPModel, mlip_state
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
+from mlip_ds.objective.batch import BatchPreparer
+from mlip_ds.objective.terms import compute_terms
 from mlip_ds.sources.synthetic import generate_sample
 
 from mlip_ds.bench.meta_step import to_meta, training_step

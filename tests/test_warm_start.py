@@ -296,7 +296,9 @@ def test_lora_towers_under_the_full_mlip_objective():
     from mlip_ds.data.transforms import train_transform
     from mlip_ds.losses.objective import total_loss
     from mlip_ds.model.concepts import load_concepts
-    from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms
+    from mlip_ds.model.mlip import MLIPModel
+    from mlip_ds.objective.batch import BatchPreparer
+    from mlip_ds.objective.terms import compute_terms
     from mlip_ds.sources.synthetic import generate_sample
     cfg = load_model_config("tiny")
     tok, vocab = build_tokenizer(cfg), load_concepts("", [])

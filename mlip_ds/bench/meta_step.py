@@ -40,8 +40,9 @@ def model_and_inputs(model_cfg: dict, objective, batch: int, device: str = "meta
     default); ``dtype`` (e.g. bfloat16) casts weights and images as DeepSpeed's bf16 mode does."""
     import torch
     from mlip_ds.model.concepts import load_concepts
-    from mlip_ds.model.mlip import BatchPreparer, MLIPModel
+    from mlip_ds.model.mlip import MLIPModel
     from mlip_ds.model.towers import build_model, build_tokenizer
+    from mlip_ds.objective.batch import BatchPreparer
     tokenizer, vocab = build_tokenizer(model_cfg), load_concepts("", [])
     with torch.device(device):
         model = MLIPModel(build_model(model_cfg), objective, len(vocab), len(vocab.categories),
@@ -68,7 +69,7 @@ def training_step(model, objective, inputs: dict, ema: bool = True):
     Any device; on meta, ITM's generator is stood in for (its draws do not matter there)."""
     import torch
     from mlip_ds.losses.objective import total_loss
-    from mlip_ds.model.mlip import compute_terms
+    from mlip_ds.objective.terms import compute_terms
     with mock.patch.object(torch, "Generator", _NoGenerator):
         out = model(**inputs)
         loss, named = total_loss(compute_terms(out, inputs, objective, getattr(model, "prior", None)), objective,

@@ -15,30 +15,24 @@ model's) and builds only what the enabled terms of ``ObjectiveConfig`` need:
   knowledge   ``knowledge`` (KnowledgeEncoder), when local/itm/swap     text tower on the batch's concepts
 
 With only the global term the forward is the plain open_clip forward (same outputs, same cost).
-``forward`` returns a dict of outputs; ``compute_terms`` turns it into the loss terms
-(``losses/*``), which ``losses.objective.total_loss`` weighs. ``BatchPreparer`` turns a loader
-batch into the forward's keyword tensors (knowledge linking, categories, text swapping): it runs
-in the training process, seeded per micro-batch so a resumed run replays it.
+``forward`` returns a dict of outputs. The objective (``mlip_ds/objective/``) prepares the
+forward's inputs, turns the outputs into the weighed loss terms and updates the model after each
+optimizer step (``ema_step``, the prototypes); this module holds only the model.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
-import random
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlip_ds.losses.category import category_loss, masked_info_nce
-from mlip_ds.losses.divergence import divergence_loss
-from mlip_ds.losses.global_contrast import global_contrastive_loss
-from mlip_ds.losses.itm import itm_batch, itm_loss
-from mlip_ds.losses.local_alignment import local_alignment_loss, token_mask
+from mlip_ds.losses.itm import itm_batch
+from mlip_ds.losses.local_alignment import token_mask
 from mlip_ds.losses.objective import TERMS, ObjectiveConfig
-from mlip_ds.losses.swap import swap_loss, swap_texts
-from mlip_ds.model.concepts import ConceptVocab, unique_rows
 from mlip_ds.model.divergence import ema_update, make_ema_copy, momentum_schedule
 from mlip_ds.model.heads import ITMHead, SwapHead
 from mlip_ds.model.knowledge_encoder import KnowledgeEncoder
@@ -46,7 +40,6 @@ from mlip_ds.model.prototypes import CooccurrencePrior, FeatureQueue, Prototypes
 from mlip_ds.model.tkp_attention import TKPAttention
 from mlip_ds.model.tucker import TuckerFusion
 
-MAX_LOGIT_SCALE = 100.0  # temperature floor 0.01, as in CLIP
 DEFAULT_PROTOTYPES = 128  # K when nothing sets it (recipe.py derives it from the global batch)
 
 
@@ -57,12 +50,6 @@ def needs(objective: ObjectiveConfig) -> dict[str, bool]:
     categories = (o.use_global and o.false_negatives != "off") or o.use_category or o.use_itm
     return {"second_view": o.use_divergence, "knowledge": knowledge, "categories": categories,
             "raw": knowledge or categories, "tokens": o.use_local, "fusion": o.use_itm or o.use_swap}
-
-
-def mlip_parts_on(objective: ObjectiveConfig) -> bool:
-    """True when anything beyond the plain CLIP baseline is on."""
-    return any(objective.enabled(t) for t in TERMS if t != "global") or (
-        objective.use_global and objective.false_negatives != "off")
 
 
 def head_sizes(objective: ObjectiveConfig, embed_dim: int, vision_width: int | None = None) -> ObjectiveConfig:
@@ -248,7 +235,7 @@ class MLIPModel(nn.Module):
                 swap_mention_neg: torch.Tensor | None = None, swap_mention_mask: torch.Tensor | None = None,
                 swap_mention_rows: torch.Tensor | None = None, return_attention: bool | None = None,
                 active: frozenset[str] | None = None) -> dict:
-        """Outputs (a dict) for the enabled terms; the inputs are ``BatchPreparer``'s keys.
+        """Outputs (a dict) for the enabled terms; the inputs are ``objective.batch.BatchPreparer``'s keys.
 
         ``active``: the terms to compute outputs for (``losses.objective.active_terms``: the ones whose
         weight at this step is not 0); None: every enabled term. A delayed term costs nothing.
@@ -343,170 +330,6 @@ class MLIPModel(nn.Module):
         return m
 
 
-def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: CooccurrencePrior | None = None,
-                  update_prior: bool = True, active: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
-    """The unweighted loss terms of the enabled parts (``losses/*``), gathered across ranks where the
-    term needs it; with ``active``, only those terms (the forward's ``active``). Collective: every rank
-    calls it once per micro-step with the same ``active``."""
-    o = objective
-    on = {t: o.enabled(t) and (active is None or t in active) for t in TERMS}
-    scale = out["logit_scale"].float().clamp(max=MAX_LOGIT_SCALE)
-    img, txt = out["image_features"].float(), out["text_features"].float()
-    cats = inputs.get("cats")
-    terms = {}
-    if on["global"]:
-        if o.false_negatives == "off":
-            terms["global"] = global_contrastive_loss(img, txt, scale)
-        else:
-            terms["global"] = masked_info_nce(img, txt, scale, cats, mode=o.false_negatives,
-                                              soft_weight=o.soft_weight, match=o.false_negative_match,
-                                              neg_weight=o.false_negative_weight)
-    if on["divergence"]:
-        terms["divergence"] = divergence_loss(
-            img, txt, out["image_features_ema"].float(), out["text_features_ema"].float(), scale, cats=cats,
-            mode=o.false_negatives if o.false_negatives_divergence else "off", soft_weight=o.soft_weight,
-            match=o.false_negative_match, neg_weight=o.false_negative_weight,
-            image_image_scale=1.0 / o.image_temperature if o.divergence_image else None,
-            image_image_weight=o.image_weight)
-    if on["local"]:
-        tkp = out["tkp"]
-        terms["local"] = local_alignment_loss(tkp.tokens, tkp.contexts, out["token_mask"], out["token_weights"],
-                                              tkp.patches, tkp.patch_contexts, out["patch_weights"],
-                                              temperature=o.local_temperature)
-    if on["category"]:
-        terms["category"] = category_loss(out["proto_image"].float(), out["proto_text"].float(),
-                                          temperature=o.proto_temperature, eps=o.sinkhorn_eps,
-                                          iters=o.sinkhorn_iters, cats=cats, prior=prior,
-                                          prior_mix=o.prior_mix, update_prior=update_prior,
-                                          image_queue_scores=out.get("proto_image_queue"),
-                                          text_queue_scores=out.get("proto_text_queue"))
-    if on["itm"]:
-        terms["itm"] = itm_loss(out["itm_logits"], out["itm_labels"])
-    if on["swap"]:
-        terms["swap"] = swap_loss(out["swap_logits"], out["swap_labels"])
-    return terms
-
-
-MODEL_INPUTS = ("image", "text", "image2", "text2", "concept_tokens", "concept_adj", "mention_ids", "mention_neg",
-                "mention_mask", "mention_rows", "cats", "itm_seed", "swap_tokens", "swap_rows", "swap_labels",
-                "swap_mention_ids", "swap_mention_neg", "swap_mention_mask", "swap_mention_rows")
-
-
-class BatchPreparer:
-    """Loader batch -> the forward's keyword tensors. Two halves:
-
-    ``__call__(batch, seed)``, the CPU half, runs in the data-loader worker right after batching
-    (``LoaderSpec.batch_fn``), so the training process only moves tensors: the batch's mentions
-    (``ConceptVocab.mentions``), the distinct concepts among them and among the swapped reports'
-    (their "name: definition" token ids, trimmed to the longest), the knowledge categories, and
-    text swapping (``losses/swap.py``) on the part of each report that fits the context length (so
-    a swap always changes what the model reads; the swap head's knowledge comes from the mentions
-    in that part, swapped or not). Its random draws (swap, ITM hard negatives) come from ``seed``,
-    which the pipeline derives from the batch's stream position: a resumed run replays them.
-    ``to_device(batch, device, dtype)``: the model's inputs, on the device.
-    """
-
-    def __init__(self, objective: ObjectiveConfig, tokenizer, vocab: ConceptVocab | None = None,
-                 concept_context_length: int = 32, max_mentions: int = 0):
-        self.objective, self.tokenizer, self.vocab = objective, tokenizer, vocab
-        self.needs = needs(objective)
-        self.max_mentions = max_mentions
-        self.pad_id = int(tokenizer.tokenizer.pad_token_id or 0)
-        self.concept_tokens = None
-        if (self.needs["knowledge"] or self.needs["categories"]) and vocab is None:
-            raise ValueError("the enabled terms need a concept vocabulary (ConceptVocab)")
-        if self.needs["knowledge"]:
-            self.concept_tokens = vocab.tokens(tokenizer, concept_context_length)
-
-    @property
-    def active(self) -> bool:
-        """False when the batch needs nothing beyond image and text (the CLIP baseline)."""
-        return self.needs["raw"]
-
-    def __call__(self, batch: dict, seed: int = 0) -> dict:
-        n = self.needs
-        if not n["raw"]:
-            return batch
-        entities = batch["entities"]
-        if n["categories"]:
-            batch["cats"] = self.vocab.categories_of(entities)
-        if not n["knowledge"]:
-            return batch
-        ids, neg, mask = self.vocab.mentions(entities, self.max_mentions)
-        tables = [(ids, mask)]
-        if self.objective.use_swap:
-            swap = self._swap(batch, seed)
-            s_ids, s_neg, s_mask = self.vocab.mentions(swap["entities"], self.max_mentions)
-            tables.append((s_ids, s_mask))
-        concepts, *rows = unique_rows(*tables)
-        if self.objective.knowledge_relations:  # their KB neighbours are encoded too (appended rows)
-            concepts, batch["concept_adj"] = self.vocab.neighbour_table(concepts)
-        tok = self.concept_tokens[concepts]
-        tok = tok[:, :max(2, int((tok != self.pad_id).sum(dim=1).max()))]
-        batch.update(concept_tokens=tok, mention_ids=ids, mention_neg=neg, mention_mask=mask,
-                     mention_rows=rows[0], itm_seed=(seed * 31 + 1) & 0x7FFFFFFF)
-        if self.objective.use_swap:
-            batch.update(swap_tokens=swap["tokens"], swap_rows=swap["rows"], swap_labels=swap["labels"],
-                         swap_mention_ids=s_ids, swap_mention_neg=s_neg, swap_mention_mask=s_mask,
-                         swap_mention_rows=rows[1])
-        return batch
-
-    def to_device(self, batch: dict, device, dtype=torch.float32) -> dict:
-        """The forward's keyword inputs: images in ``dtype``, everything else as it is, on ``device``."""
-        inputs = {}
-        for key in MODEL_INPUTS:
-            if key not in batch or (key in ("image2", "text2") and not self.needs["second_view"]):
-                continue
-            value = batch[key]
-            if isinstance(value, torch.Tensor):
-                # Copied as loaded (pinned, asynchronous), then cast on the device: a cast inside the
-                # copy would convert on the host into unpinned memory, every step.
-                value = value.to(device, non_blocking=True)
-                if key in ("image", "image2"):
-                    value = value.to(dtype)
-            inputs[key] = value
-        return inputs
-
-    def prepare(self, batch: dict, device, dtype=torch.float32, seed: int = 0) -> dict:
-        """Both halves at once (tests, benchmarks)."""
-        return self.to_device(self(dict(batch), seed), device, dtype)
-
-    def _visible(self, reports: list[str], entities: list[list[dict]]):
-        """The part of each report that fits the context length, and the entities inside it: the
-        swap edits only what the model reads."""
-        hf = self.tokenizer.tokenizer
-        length = self.tokenizer.context_length
-        enc = hf(reports, return_offsets_mapping=True, truncation=True, max_length=length)
-        texts, ents = [], []
-        for text, e, offsets in zip(reports, entities, enc["offset_mapping"]):
-            cut = max((end for start, end in offsets if end > start), default=len(text))
-            cut = len(text) if len(offsets) < length else cut
-            texts.append(text[:cut])
-            ents.append([x for x in e if x.get("end", 0) <= cut])
-        return texts, ents
-
-    def _swap(self, batch: dict, seed: int) -> dict:
-        o = self.objective
-        rng = random.Random(seed)
-        texts, ents = self._visible(list(batch["report"]), [list(e) for e in batch["entities"]])
-        res = swap_texts(texts, ents, p=o.swap_prob, mode=o.swap_mode, rng=rng)
-        labels, entities = res.labels.clone(), [list(e) for e in res.entities]
-        changed = [i for i in range(len(labels)) if labels[i] == 1]
-        rows, tokens = [], None
-        if changed:
-            tokens = self.tokenizer([res.texts[i] for i in changed])
-            same = (tokens == batch["text"][changed]).all(dim=1)
-            for j, i in enumerate(changed):
-                if same[j]:  # nothing the model reads changed (e.g. only spacing): not a swap
-                    labels[i], entities[i] = 0, ents[i]
-            keep = ~same
-            tokens, rows = tokens[keep], [i for j, i in enumerate(changed) if keep[j]]
-        if not rows:
-            tokens = batch["text"][:1]  # one row anyway: every rank runs the text tower the same number of times
-        return {"tokens": tokens, "rows": torch.tensor(rows, dtype=torch.long), "labels": labels,
-                "entities": entities}
-
-
 def relation_aware(concept_emb: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
     """Relation-aware concept embeddings (docs/method.md): e'_c = normalize((e_c + mean_{n in N(c)} e_n) / 2)
     for a concept with KB neighbours, e_c otherwise. ``adj`` (R, R) row-normalised adjacency."""
@@ -519,3 +342,15 @@ def mlip_state(model: MLIPModel) -> dict[str, torch.Tensor]:
     """The MLIP-only tensors (everything but the two towers and the temperature), for export."""
     clip_keys = set(model.clip_model().state_dict())
     return {k: v for k, v in model.state_dict().items() if k not in clip_keys}
+
+
+# Moved to mlip_ds/objective/; the old names still resolve (lazily, no import cycle) for the
+# importers outside this change's reach (mlip_ds/eval/grounding.py, benchmarks/).
+_MOVED = {"BatchPreparer": "mlip_ds.objective.batch", "MODEL_INPUTS": "mlip_ds.objective.batch",
+          "compute_terms": "mlip_ds.objective.terms"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
