@@ -5,7 +5,6 @@ the CLIP preset is the same object doing the plain CLIP step."""
 import json
 import os
 
-import pytest
 import torch
 
 from mlip_ds.config import KnowledgeConfig, objective_preset
