@@ -107,7 +107,7 @@ def _init_distributed() -> None:
 
 def _forward_loss(model, objective, inputs, prior=None):
     from mlip_ds.losses.objective import total_loss
-    from mlip_ds.model.mlip import compute_terms
+    from mlip_ds.objective.terms import compute_terms
     out = model(**inputs)
     return total_loss(compute_terms(out, inputs, objective, prior or getattr(model, "prior", None)), objective,
                       step=10**6)[0]
@@ -142,8 +142,8 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
     instead). Shared by the op count here and by ``benchmarks/gpu_check.py``'s in-memory rows."""
     import torch
     from mlip_ds.config import build_parser, config_from_args
-    from mlip_ds.ds_config import resolve_ds_config
-    from mlip_ds.train import param_groups
+    from mlip_ds.ds_config import one_device_route, resolve_ds_config, take_gradient_clipping
+    from mlip_ds.train import one_device_step, param_groups
     torch.manual_seed(0)
     cfg = config_from_args(build_parser().parse_args(["--train-shards", "-", "--batch-size", str(batch)]))
     o = cfg.optim
@@ -151,7 +151,14 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
     model.train()
     system, _, route = system.partition(":")
     routes = set(filter(None, route.split(":")))
-    autocast = "autocast" in routes or "torch_autocast.enabled=true" in system
+    ds = None
+    if system not in ("bare", "ddp"):
+        ds = json.loads(Path(ds_file).read_text()) if ds_file else ds_variant(system)
+        for key in ("bf16", "torch_autocast"):  # what "auto" gives on a GPU
+            if ds.get(key, {}).get("enabled") == "auto":
+                ds[key]["enabled"] = True
+        ds.setdefault("bf16", {}).setdefault("enabled", True)
+    autocast = "autocast" in routes or bool(ds and ds.get("torch_autocast", {}).get("enabled"))
     if not autocast:  # the images, as the trainer's preparer casts them for bf16
         inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
                   for k, v in inputs.items()}
@@ -184,18 +191,22 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
 
     import deepspeed
     _init_distributed()
-    ds = json.loads(Path(ds_file).read_text()) if ds_file else ds_variant(system)
-    if ds.setdefault("bf16", {}).get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = True  # what "auto" gives on a GPU
     ds = resolve_ds_config(ds, cfg, 1, 1000, None)
     ds["optimizer"]["params"].update(torch_adam=True, fused=True)  # --adam-impl auto on CUDA
-    if "clip" in routes:
-        ds["gradient_clipping"] = 0.0
+    one_device = one_device_route(ds, 1)  # the trainer's route (ds_configs/one_gpu.json), as train.py takes it
+    grad_clip = take_gradient_clipping(ds) if one_device or "clip" in routes else 0.0
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=param_groups(model, o.weight_decay))
     _ema_fp32(engine.module, objective)
-    if "1rank" in routes:
-        engine.enable_backward_allreduce = False
-    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if one_device:
+        clip_grads = one_device_step(engine, grad_clip)
+    else:
+        if "1rank" in routes:
+            engine.enable_backward_allreduce = False
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+
+        def clip_grads():
+            if "clip" in routes:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
 
     def forward():
         return _forward_loss(engine, objective, inputs)
@@ -204,8 +215,7 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
         engine.backward(loss)
 
     def step():
-        if "clip" in routes:
-            torch.nn.utils.clip_grad_norm_(params, o.grad_clip, foreach=True)
+        clip_grads()
         engine.step()
     return Step(forward, backward, step, engine.module)
 

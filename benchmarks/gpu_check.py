@@ -21,7 +21,9 @@ the table, not the end of the check), the whole run within ``--budget-s`` (defau
 - in memory, the batch already on the device, no loader (``benchmarks/engine_ops.build_step``, the op
   count's own setup): ``bare/<objective>`` a bare torch loop (fp32 weights, bf16 autocast, foreach
   clipping, fused AdamW), ``ddp/<objective>`` the same under torch DDP (one process),
-  ``engine/<objective>`` the DeepSpeed engine with ``ds_configs/zero2.json`` (bf16, as the trainer);
+  ``engine/<objective>`` the DeepSpeed engine with ``ds_configs/zero2.json`` (bf16, as the trainer),
+  ``one/<objective>`` the engine with ``ds_configs/one_gpu.json`` on the trainer's one-device route
+  (fp32 weights under bf16 autocast, no all-reduce, one foreach clip);
 - ``clip``, ``mlip`` (``+compile``): the trainer end to end (loader, logging, ZeRO-2).
 ``first step (s)``: from the row's launch to the end of its first optimizer step (for trainer rows,
 from the first log record less the steps before it). The ``engine/clip`` row (the default config)
@@ -92,18 +94,18 @@ def step_flops(model_cfg: dict, batch_per_rank: int, ranks: int, objective: str,
 
 
 VARIANTS = ("clip", "mlip", "clip+compile", "mlip+compile")  # the trainer's rows
-MEMORY_ROWS = ("bare/clip", "ddp/clip", "engine/clip", "bare/mlip", "ddp/mlip", "engine/mlip")
+MEMORY_ROWS = ("bare/clip", "ddp/clip", "engine/clip", "one/clip", "bare/mlip", "ddp/mlip", "engine/mlip", "one/mlip")
 ROWS = MEMORY_ROWS + VARIANTS
 # The order on a GPU: references and the default config first, compile (minutes) last.
-CUDA_ROWS = ("bare/clip", "engine/clip", "ddp/clip", "clip", "bare/mlip", "engine/mlip", "mlip", "clip+compile",
-             "mlip+compile")
-CPU_ROWS = ("bare/clip", "engine/clip", "ddp/clip", "clip", "mlip")
+CUDA_ROWS = ("bare/clip", "engine/clip", "one/clip", "ddp/clip", "clip", "bare/mlip", "engine/mlip", "mlip",
+             "clip+compile", "mlip+compile")
+CPU_ROWS = ("bare/clip", "engine/clip", "one/clip", "ddp/clip", "clip", "mlip")
 # Seconds per row at most (H200, ViT-B/16 + BERT-base, batch 256): start-up + 60 steps + margin.
-ROW_BUDGET_S = {"bare": 40, "ddp": 40, "engine": 60, "trainer": 75, "compile": 120}
+ROW_BUDGET_S = {"bare": 40, "ddp": 40, "engine": 60, "one": 50, "trainer": 75, "compile": 120}
 PROFILE_STEPS = 3
 # The whole check: rows start only while time is left and each is killed at its budget, so the table
 # is printed by about this many seconds after the start (benchmarks/gpu_check.sh allows 530, issue 15 540).
-BUDGET_S = 480
+BUDGET_S = 500
 
 
 def row_budget(row: str) -> float:
@@ -165,9 +167,10 @@ def run_memory_row(row: str, model: str, batch: int, steps: int, launched: float
     from mlip_ds.model.towers import load_model_config
     kind, objective = row.split("/")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    system = {"bare": "bare:autocast", "ddp": "ddp:autocast", "engine": "zero2"}[kind]
+    system = {"bare": "bare:autocast", "ddp": "ddp:autocast", "engine": "zero2", "one": "one_gpu"}[kind]
+    ds_file = {"engine": "zero2.json", "one": "one_gpu.json"}.get(kind)
     step = build_step(load_model_config(model), objective_preset(objective), system, batch, device,
-                      ds_file=str(ROOT / "ds_configs" / "zero2.json") if kind == "engine" else None)
+                      ds_file=str(ROOT / "ds_configs" / ds_file) if ds_file else None)
     precision = "bf16 autocast" if kind != "engine" else "bf16 (DeepSpeed)"
     losses = [step().detach()]
     _sync(device)

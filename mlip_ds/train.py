@@ -36,7 +36,8 @@ from mlip_ds.config import TrainConfig, build_parser, config_from_args, range_er
 from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
-from mlip_ds.ds_config import DSConfigError, check_batch, load_ds_config, resolve_ds_config  # noqa: E402
+from mlip_ds.ds_config import (DSConfigError, check_batch, load_ds_config, one_device_route,  # noqa: E402
+                              resolve_ds_config, take_gradient_clipping)
 from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.losses.objective import TERMS  # noqa: E402
 from mlip_ds.model import adapters, warm_start  # noqa: E402
@@ -144,6 +145,20 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
+def one_device_step(engine, grad_clip: float):
+    """The one-device route (``ds_config.one_device_route``) on an initialised ``engine``: DeepSpeed's
+    gradient all-reduce off (one rank: nothing to reduce), and the clip the trainer calls before
+    ``engine.step()`` at an accumulation boundary: torch's ``clip_grad_norm_`` in one foreach pass,
+    the same norm and scale as DeepSpeed's per-tensor loop."""
+    engine.enable_backward_allreduce = False
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+
+    def clip() -> None:
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    return clip
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
                  pretrained: tuple[str, ...] = (), lr_pretrained: float | None = None) -> list[dict]:
     """No weight decay on gains, biases, norms and the temperature (open_clip's rule); parameters
@@ -230,7 +245,10 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     nan_check = resolve_nan_check(cfg.run.nan_check, ds_config)
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, recipe.pretrained_towers(cfg),
                           cfg.optim.lr_pretrained)
+    one_device = one_device_route(ds_config, world)
+    grad_clip = take_gradient_clipping(ds_config) if one_device else 0.0
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
+    clip_grads = one_device_step(engine, grad_clip) if one_device else None
     device = engine.device
     if cfg.run.compile:  # in place: parameter names (checkpoints, export) stay the same
         engine.compile(backend=cfg.run.compile_backend)
@@ -340,6 +358,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             else:
                 boundary = engine.is_gradient_accumulation_boundary()
                 engine.backward(loss)
+                if boundary and clip_grads is not None:
+                    clip_grads()
                 engine.step()
                 if boundary and nan_check == "deepspeed" and getattr(engine.optimizer, "overflow", False):
                     nan_in_a_row = _count_nan_step(state, nan_in_a_row, cfg, save_checkpoint, ckpt_dir)
@@ -391,7 +411,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
             objective.export(export_dir)
     summary = {"step": state["step"], "samples_seen": state["samples_seen"], "loss": last_loss,
                "nan_skipped": state["nan_skipped"], "export": str(export_dir), "world_size": world,
-               "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+               "precision": ("bf16" if dtype == torch.bfloat16 else
+                             "bf16 autocast" if ds_config.get("torch_autocast", {}).get("enabled") else "fp32"),
+               "one_device_route": one_device,
                "peak_device_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
                "sync_audit": sync_report}
     if writer:
