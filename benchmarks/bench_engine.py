@@ -44,7 +44,8 @@ def worker(system: str, model_name: str, batch: int, steps: int, warmup: int, ou
     from mlip_ds.distributed import init_distributed
     from mlip_ds.ds_config import load_ds_config, resolve_ds_config
     from mlip_ds.losses.objective import total_loss
-    from mlip_ds.model.mlip import MLIPModel, compute_terms
+    from mlip_ds.model.mlip import MLIPModel
+    from mlip_ds.objective.terms import compute_terms
     from mlip_ds.model.towers import build_model, load_model_config
     from mlip_ds.train import param_groups
 

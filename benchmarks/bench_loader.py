@@ -37,7 +37,8 @@ def loader_rate(objective: str, shards: Path, model: str, batch_size: int, batch
     from mlip_ds.data.pipeline import LoaderSpec, expand_shards, make_train_loader
     from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD
     from mlip_ds.model.concepts import load_concepts
-    from mlip_ds.model.mlip import BatchPreparer, needs
+    from mlip_ds.model.mlip import needs
+    from mlip_ds.objective.batch import BatchPreparer
     from mlip_ds.model.towers import build_tokenizer, load_model_config
 
     torch.set_num_threads(1)

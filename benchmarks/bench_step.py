@@ -35,7 +35,9 @@ from mlip_ds.data.text_augment import augment_report
 from mlip_ds.data.transforms import train_transform
 from mlip_ds.losses.objective import TERMS, ObjectiveConfig, total_loss
 from mlip_ds.model.concepts import load_concepts
-from mlip_ds.model.mlip import BatchPreparer, MLIPModel, compute_terms
+from mlip_ds.model.mlip import MLIPModel
+from mlip_ds.objective.batch import BatchPreparer
+from mlip_ds.objective.terms import compute_terms
 from mlip_ds.model.towers import build_model, build_tokenizer, load_model_config
 from mlip_ds.sources.synthetic import generate_sample
 

@@ -29,7 +29,8 @@ from mlip_ds.eval.plots import plot_grounding, tokens_for_attention
 from mlip_ds.export import load_model
 from mlip_ds.losses.objective import ObjectiveConfig
 from mlip_ds.model.concepts import ConceptVocab
-from mlip_ds.model.mlip import BatchPreparer, MLIPModel
+from mlip_ds.model.mlip import MLIPModel
+from mlip_ds.objective.batch import BatchPreparer
 from mlip_ds.model.towers import build_tokenizer
 
 

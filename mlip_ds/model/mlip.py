@@ -22,7 +22,6 @@ optimizer step (``ema_step``, the prototypes); this module holds only the model.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from dataclasses import replace
 
@@ -342,15 +341,3 @@ def mlip_state(model: MLIPModel) -> dict[str, torch.Tensor]:
     """The MLIP-only tensors (everything but the two towers and the temperature), for export."""
     clip_keys = set(model.clip_model().state_dict())
     return {k: v for k, v in model.state_dict().items() if k not in clip_keys}
-
-
-# Moved to mlip_ds/objective/; the old names still resolve (lazily, no import cycle) for the
-# importers outside this change's reach (mlip_ds/eval/grounding.py, benchmarks/).
-_MOVED = {"BatchPreparer": "mlip_ds.objective.batch", "MODEL_INPUTS": "mlip_ds.objective.batch",
-          "compute_terms": "mlip_ds.objective.terms"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
