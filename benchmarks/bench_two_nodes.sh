@@ -4,7 +4,8 @@
 # and takes longer than CI's budget allows: see docs/benchmarks.md, "Two SLURM nodes on one
 # machine"). Needs root on Linux.
 #
-#   sudo bash benchmarks/bench_two_nodes.sh [--launcher sbatch|submitit|both] [STATE_DIR]
+#   sudo bash benchmarks/bench_two_nodes.sh [--launcher sbatch|submitit|both] [--interrupt requeue|signal]
+#                                           [STATE_DIR]
 #
 # Node "mlipa" is this machine's network namespace; node "mlipb" is a network namespace that the
 # script creates (`ip netns`), joined to it by a veth pair named the same on both sides
@@ -15,10 +16,15 @@
 #   1. sbatch: `sbatch --nodes 2 --ntasks-per-node 1 slurm/pretrain.sh`; submitit:
 #      `tools/submit.py --cluster slurm --nodes 2 --tasks-per-node 1` (tiny model, ZeRO-2, gloo over
 #      the veth: GLOO_SOCKET_IFNAME names the same interface on both nodes);
-#   2. `scontrol requeue` once the first checkpoint exists;
+#   2. once the first checkpoint exists, `scontrol requeue` (--interrupt requeue, the default), or
+#      (--interrupt signal) the launcher's own time-limit signal: USR1 to slurm/pretrain.sh's batch
+#      shell (`scancel --batch --signal=USR1`; it forwards USR1 to train.py and requeues), USR2 to
+#      submitit's tasks (`scancel --signal=USR2`; rank 0's checkpoint() stops training and requeues);
 #   3. the restarted job resumes from it on both nodes and finishes; the script checks the step
 #      count, samples_seen, the world size, that each start ran one rank on each node, that both
 #      ranks resumed from the same checkpoint, one restart, and the rendezvous at mlipa's address.
+# The jobs run with the virtualenv first on PATH and a private TORCH_EXTENSIONS_DIR, where
+# DeepSpeed's CPU comm op is built once before them (op_build_s; see the comment there).
 # Prints one JSON line with the timings (one object per launcher). Stops its daemons and removes
 # the namespace on exit (munged, if it started it, is left running as tools/slurm_local.sh does).
 # Environment: MLIP_SLURM_PORT (slurmctld port, default: a free one; the slurmds use it + 1),
@@ -32,6 +38,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 log() { echo "[two_nodes $(date +%H:%M:%S)] $*" >&2; }
 
 LAUNCHERS=(sbatch submitit)
+INTERRUPT=requeue
 STATE=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +49,9 @@ while [ $# -gt 0 ]; do
         both) LAUNCHERS=(sbatch submitit) ;;
         *) die "--launcher takes sbatch, submitit or both, not '$value'" 2 ;;
       esac ;;
+    --interrupt|--interrupt=*)
+      if [ "$1" = --interrupt ]; then INTERRUPT="${2:-}"; shift; else INTERRUPT="${1#*=}"; fi
+      case "$INTERRUPT" in requeue|signal) ;; *) die "--interrupt takes requeue or signal, not '$INTERRUPT'" 2 ;; esac ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 0 ;;
     -*) die "unknown option $1 (see --help)" 2 ;;
     *) STATE="$1" ;;
@@ -118,6 +128,21 @@ log "cluster up in ${T_CLUSTER}s: $(sinfo -h -N -o '%N(%T)' | tr '\n' ' ')"
 "$PY" "$ROOT/tools/make_shards.py" synthetic --out "$STATE/shards" --num-samples 192 --image-size 64 \
   --samples-per-shard 48 >/dev/null 2>&1 || die "make_shards failed"
 
+# DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op (TORCH_EXTENSIONS_DIR, with the
+# first `ninja` on PATH) at every start, and waits for a build another process is running. The
+# virtualenv's ninja and a system ninja hash commands differently and rebuild each other's output
+# ("command line changed"): slurm/pretrain.sh activates the virtualenv, other runs on the machine
+# may not. So the jobs get a private extensions folder and the virtualenv first on PATH, and the op
+# is built once here, timed apart (op_build_s), not inside the first start.
+export PATH="$ROOT/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$STATE/torch_extensions"
+T_OP=$SECONDS
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)' >"$STATE/op_build.log" 2>&1 || die "building DeepSpeed's shm comm op failed (see $STATE/op_build.log)"
+fi
+T_OP=$((SECONDS - T_OP))
+log "DeepSpeed's shm comm op built in ${T_OP}s"
+
 JOB="" LOGS=()
 job_state() { scontrol show job -o "$JOB" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 tails() { local f; for f in "${LOGS[@]}"; do [ -s "$f" ] && { echo "--- $f"; grep -v 'it/s]' "$f" | tail -20; }; done >&2; }
@@ -171,21 +196,29 @@ bench_launcher() {  # sbatch|submitit: submit, requeue after the first checkpoin
   wait_for 300 "the first checkpoint" has_checkpoint
   t_first=$((SECONDS - job_t0))
   requeued_at="$(latest)"
-  log "$launcher: checkpoint at step $requeued_at after ${t_first}s: scontrol requeue $JOB"
-  scontrol requeue "$JOB"
+  if [ "$INTERRUPT" = requeue ]; then
+    log "$launcher: checkpoint at step $requeued_at after ${t_first}s: scontrol requeue $JOB"
+    scontrol requeue "$JOB"
+  elif [ "$launcher" = sbatch ]; then
+    log "$launcher: checkpoint at step $requeued_at after ${t_first}s: USR1 to the batch shell of $JOB"
+    scancel --batch --signal=USR1 "$JOB"
+  else
+    log "$launcher: checkpoint at step $requeued_at after ${t_first}s: USR2 to the tasks of $JOB"
+    scancel --signal=USR2 "$JOB"
+  fi
   req_t0=$SECONDS
   wait_for 300 "the requeued job to resume on both ranks" resumed
   t_resume=$((SECONDS - req_t0))
   wait_for 600 "the job to complete" completed
   t_total=$((SECONDS - job_t0))
-  "$PY" - "$launcher" "$JOB" "$OUT" "$STEPS" "$(job_state Restarts)" "$NET.1" \
+  "$PY" - "$launcher" "$INTERRUPT" "$JOB" "$OUT" "$STEPS" "$(job_state Restarts)" "$NET.1" \
     "$t_first" "$requeued_at" "$t_resume" "$t_total" "${LOGS[@]}" <<'EOF' || { tails; die "$launcher: checks failed"; }
 import json, re, sys
 from pathlib import Path
-launcher, job, out, steps, restarts, master_addr = sys.argv[1:7]
+launcher, interrupt, job, out, steps, restarts, master_addr = sys.argv[1:8]
 out, steps = Path(out), int(steps)
-t_first, requeued_at, t_resume, t_total = map(int, sys.argv[7:11])
-logs = sys.argv[11:]
+t_first, requeued_at, t_resume, t_total = map(int, sys.argv[8:12])
+logs = sys.argv[12:]
 texts = [Path(p).read_text(errors="replace") if Path(p).exists() else "" for p in logs]
 text = "\n".join(texts)
 summary = json.loads((out / "summary.json").read_text())
@@ -210,6 +243,9 @@ else:  # tools/submit.py: "[submit.py] rank R/2 on node N, restart K, ..." in ea
     results = submitit.SlurmJob(out / "submitit", job, tasks=(0, 1)).results()
     assert [r["step"] for r in results] == [steps, steps], results
 assert len(resumed) == 2 and resumed[0] == resumed[1] >= 1, f"both ranks resume the same checkpoint: {resumed}"
+if interrupt == "signal":  # train.py stopped on the launcher's forwarded SIGUSR1 and saved, then the requeue
+    assert "stopped by SIGUSR1" in text, "train.py did not stop on SIGUSR1"
+    assert ("requeueing: the next start" if launcher == "sbatch" else "Requeued job") in text, "no requeue"
 masters = set(re.findall(r"master ([0-9.]+):", text))
 assert masters == {master_addr}, f"rendezvous at {masters}, not at mlipa's NodeAddr {master_addr}"
 print(json.dumps({"submit_to_first_checkpoint_s": t_first, "requeued_at_step": requeued_at,
@@ -223,5 +259,6 @@ RESULTS=""
 for launcher in "${LAUNCHERS[@]}"; do
   RESULTS+="${RESULTS:+, }\"$launcher\": $(bench_launcher "$launcher")"
 done
-echo "{\"nodes\": 2, \"tasks\": 2, \"steps\": $STEPS, \"save_every\": $SAVE_EVERY, \"cluster_start_s\": $T_CLUSTER, $RESULTS}"
+echo "{\"nodes\": 2, \"tasks\": 2, \"steps\": $STEPS, \"save_every\": $SAVE_EVERY, \"interrupt\": \"$INTERRUPT\"," \
+     "\"cluster_start_s\": $T_CLUSTER, \"op_build_s\": $T_OP, $RESULTS}"
 log "ok: state and logs in $STATE"

@@ -33,7 +33,7 @@ set -euo pipefail
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { echo "[slurm_local] $*" >&2; }
-die() { log "error: $*"; exit "${2:-1}"; }
+die() { log "error: $1"; exit "${2:-1}"; }
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
