@@ -51,6 +51,11 @@ def train_env(**extra) -> dict:
     if "DS_ACCELERATOR" not in env and "DS_ACCELERATOR" not in extra and not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # This Python's bin first on PATH: DeepSpeed builds its CPU comm op with the first ninja there, and a
+    # venv's ninja and the system's hash commands differently, so launches that found different ones
+    # rebuilt each other's op in the shared torch_extensions cache (every start then waited for a build).
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir])
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -382,7 +382,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                     nan_in_a_row = 0
             if stop_now and state["micro_in_epoch"] % accum == 0:
                 save_checkpoint()
-                raise Interrupted(f"stopped by {stop.signal_name} at step {state['step']}: checkpoint saved, "
+                raise Interrupted(f"stopped by {stop.signal_name or 'another rank (a signal there)'} at step "
+                                  f"{state['step']}: checkpoint saved, "
                                   "resume with --resume latest")
             if state["step"] >= total_steps:
                 break
