@@ -39,10 +39,10 @@ from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size
 from mlip_ds.ds_config import (DSConfigError, check_batch, load_ds_config, one_device_route,  # noqa: E402
                               resolve_ds_config, take_gradient_clipping)
 from mlip_ds.export import export_model  # noqa: E402
-from mlip_ds.losses.objective import TERMS  # noqa: E402
 from mlip_ds.model import adapters, warm_start  # noqa: E402
-from mlip_ds.model.concepts import ConceptVocab, load_concepts  # noqa: E402
-from mlip_ds.model.mlip import MLIPModel, needs  # noqa: E402
+from mlip_ds.model.concepts import ConceptVocab  # noqa: E402
+from mlip_ds.model.mlip import MLIPModel  # noqa: E402
+from mlip_ds.objective.checks import ObjectiveSetupError, check_objective  # noqa: E402
 from mlip_ds.model.towers import build_model, build_tokenizer  # noqa: E402
 from mlip_ds.objective import Objective  # noqa: E402
 from mlip_ds.sync_audit import SyncAudit  # noqa: E402
@@ -92,46 +92,11 @@ def check_inputs(cfg: TrainConfig, ds_config_path: str | None = None) -> tuple[d
         if not manifest.exists():
             raise SetupError("--samples-per-epoch is required when the shards have no manifest.json")
         samples = json.loads(manifest.read_text())["num_samples"]
-    return model_cfg, samples, check_objective(cfg, model_cfg, urls, ds_config_path)
-
-
-def check_objective(cfg: TrainConfig, model_cfg: dict, urls: list[str],
-                    ds_config_path: str | None = None) -> ConceptVocab | None:
-    """The objective's switches and choices, and the concept vocabulary when a term needs it."""
-    o = cfg.objective
-    if ds_config_path and _zero_stage(load_ds_config(ds_config_path)) >= 3:
-        # ZeRO-3 runs the global term (with or without the false-negative fix) and the category term.
-        why = {"divergence": "the EMA encoders are full copies of the towers, updated in place from the online "
-                             "weights, which ZeRO-3 partitions",
-               "local": "the TKP attention and the knowledge encoder return dataclasses, whose tensors "
-                        "ZeRO-3's parameter hooks cannot follow into the backward pass",
-               "itm": "it needs the knowledge encoder (see local)",
-               "swap": "it needs the knowledge encoder (see local)"}
-        off = [t for t in why if o.enabled(t)]
-        if off:
-            raise SetupError(f"ZeRO stage 3 cannot run the {', '.join(off)} term(s): "
-                             + "; ".join(f"{t}: {why[t]}" for t in off)
-                             + ". Use ds_configs/zero2.json or zero2_offload.json, or switch them off ("
-                             + " ".join(f"--no-use-{t}" for t in off) + ")")
-    if not any(o.enabled(t) for t in TERMS):
-        raise SetupError("every loss term is switched off: keep at least one --use-<term> (e.g. --use-global)")
-    for name, value, allowed in (("--false-negatives", o.false_negatives, ("off", "drop", "soft")),
-                                 ("--false-negative-match", o.false_negative_match, ("exact", "overlap")),
-                                 ("--swap-mode", o.swap_mode, ("auto", "mentions", "sentence"))):
-        if value not in allowed:
-            raise SetupError(f"{name} {value!r}: choose one of {list(allowed)}")
-    if o.use_local and isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple)):
-        raise SetupError("the local term needs patch tokens from a ViT image tower; this model's image tower is a "
-                         "ResNet: use a ViT model (tiny, vit-b16) or --no-use-local")
-    if o.use_itm and cfg.data.batch_size < 2:
-        raise SetupError("the ITM term draws hard negatives from the batch: --batch-size must be at least 2")
-    n = needs(o)
-    if not (n["knowledge"] or n["categories"]):
-        return None
+    stage = _zero_stage(load_ds_config(ds_config_path)) if ds_config_path else 0
     try:
-        return load_concepts(cfg.knowledge.kb, urls)
-    except (OSError, ValueError) as e:
-        raise SetupError(f"concept vocabulary (--kb {cfg.knowledge.kb!r}): {e}") from e
+        return model_cfg, samples, check_objective(cfg, model_cfg, urls, stage)
+    except ObjectiveSetupError as e:
+        raise SetupError(str(e)) from e
 
 
 def _zero_stage(ds_config: dict) -> int:

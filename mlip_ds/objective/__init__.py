@@ -3,6 +3,7 @@ weighs its terms, and updates the model after each optimizer step; the training 
 
   batch.py   BatchPreparer: loader batch -> the forward's inputs (knowledge, categories, swaps)
   terms.py   compute_terms: model outputs -> the unweighted loss terms (``losses/*``)
+  checks.py  check_objective: the switches against the model, batch and ZeRO stage, before any build
   task.py    Objective: the two above, the weights (``losses.objective``), the prototype freeze,
              the co-occurrence prior of a skipped step, the EMA and prototype updates, the export
 
