@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from mlip_ds.eval.common import print_path_or_error
 from mlip_ds.eval.plots import DEFAULT_CURVE_PANELS, plot_training_curves, read_tb_scalars
 
 
@@ -46,14 +47,9 @@ def main(argv=None) -> int:
             return 2
     out = args.out or os.path.join(args.runs[0] if os.path.isdir(args.runs[0]) else
                                    os.path.dirname(args.runs[0]), "training_curves.png")
-    try:
-        plot_training_curves(runs, out, panels=[x.strip() for x in args.panels.split(",") if x.strip()],
-                             smooth=args.smooth, title=args.title)
-    except ValueError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    panels = [x.strip() for x in args.panels.split(",") if x.strip()]
+    return print_path_or_error(lambda: plot_training_curves(runs, out, panels=panels, smooth=args.smooth,
+                                                            title=args.title), errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -181,8 +181,29 @@ def write_json_and_markdown(out_dir: str, stem: str, payload: dict, md: str) -> 
     return json_path, md_path
 
 
+def as_columns(*arrays) -> list[np.ndarray]:
+    """Each array as float64 (N, L): a 1-D array (one label) becomes one column."""
+    out = []
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float64)
+        out.append(a[:, None] if a.ndim == 1 else a)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # main
+
+
+def print_path_or_error(make: Callable[[], str], errors: tuple = (FileNotFoundError, ValueError, EvalError)) -> int:
+    """The exit of a command that writes one file: ``make()`` returns its path, printed (0); one of
+    ``errors`` is printed as ``error: ...`` on stderr (2)."""
+    try:
+        out = make()
+    except errors as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
 
 
 def eval_main(tag: str, build_parser: Callable, run_cli: Callable, argv: Sequence[str] | None = None,

@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mlip_ds.eval.common import (DEFAULT_FRACTIONS, DEFAULT_SEEDS, EvalError,  # noqa: F401  (re-exported)
+from mlip_ds.eval.common import (DEFAULT_FRACTIONS, DEFAULT_SEEDS, EvalError, as_columns,  # noqa: F401  (re-exported)
                                  add_labelled_data_args, eval_main, fraction_count, fraction_key, mean_std,
                                  parse_encoder_spec, parse_labelled_data_args, stratified_subsample,
                                  write_json_and_markdown)
@@ -145,12 +145,7 @@ def run_probe(features_train: np.ndarray, labels_train: np.ndarray, features_tes
         raise ValueError(f"task must be 'binary' or 'multiclass', got {task!r}")
     Xtr = np.asarray(features_train, dtype=np.float64)
     Xte = np.asarray(features_test, dtype=np.float64)
-    Ytr = np.asarray(labels_train, dtype=np.float64)
-    Yte = np.asarray(labels_test, dtype=np.float64)
-    if Ytr.ndim == 1:
-        Ytr = Ytr[:, None]
-    if Yte.ndim == 1:
-        Yte = Yte[:, None]
+    Ytr, Yte = as_columns(labels_train, labels_test)
     label_names = list(label_names)
     if task == "multiclass":
         label_names = label_names[:1] or ["class"]

@@ -31,6 +31,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mlip_ds.eval.common import as_columns, print_path_or_error  # noqa: E402
+
 SPECIAL_TOKENS = {"[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>", "<|endoftext|>",
                   "<|startoftext|>"}
 PUNCTUATION = set(".,;:!?()[]{}-'\"/")
@@ -83,12 +85,7 @@ def plot_roc_curves(scores, labels, label_names: Sequence[str], path: str, title
     masked; a label with one class only is listed as "n/a" and not drawn."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if labels.ndim == 1:
-        labels = labels[:, None]
+    scores, labels = as_columns(scores, labels)
     if scores.shape != labels.shape or scores.shape[1] != len(label_names):
         raise ValueError(f"scores {scores.shape}, labels {labels.shape} and {len(label_names)} label names disagree")
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -492,14 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from mlip_ds.eval.common import EvalError
-    try:
-        out = _cmd_roc(args) if args.cmd == "roc" else _cmd_embedding(args)
-    except (FileNotFoundError, ValueError, EvalError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    return print_path_or_error(lambda: _cmd_roc(args) if args.cmd == "roc" else _cmd_embedding(args))
 
 
 if __name__ == "__main__":
