@@ -21,7 +21,7 @@ rank, fp32, same number of data-loader workers per rank and one thread per rank:
   webdataset<=0.2.86 (its ``[training]`` extra; on webdataset 1.x its tar reader fails with
   ``KeyError: 'fname'``), which would change this venv's pins (numpy 2, webdataset 0.2.86), so
   they live in a separate folder put on PYTHONPATH for the open_clip_train run only:
-  ``bash tools/install_bench_extra.sh``
+  ``bash benchmarks/install_extra.sh``
   (``--extra-path``, default ``$MLIP_BENCH_EXTRA`` or ``.bench-extra``); without it that
   system is left out with the reason;
 - ``ours-mlip``: the same trainer with ``--objective mlip`` (all six terms).
@@ -81,7 +81,7 @@ def openclip_entry(config_dir: str, argv: list[str]) -> None:
 
 
 def default_extra_path() -> str:
-    """$MLIP_BENCH_EXTRA, else ``.bench-extra`` in the repository (``tools/install_bench_extra.sh``)
+    """$MLIP_BENCH_EXTRA, else ``.bench-extra`` in the repository (``benchmarks/install_extra.sh``)
     when it exists, else ''."""
     if os.environ.get("MLIP_BENCH_EXTRA"):
         return os.environ["MLIP_BENCH_EXTRA"]
@@ -96,7 +96,7 @@ def extra_env(extra_path: str) -> dict:
     return env
 
 
-EXTRA_HINT = "bash tools/install_bench_extra.sh (or --extra-path DIR, or MLIP_BENCH_EXTRA)"
+EXTRA_HINT = "bash benchmarks/install_extra.sh (or --extra-path DIR, or MLIP_BENCH_EXTRA)"
 
 
 def openclip_available(extra_path: str = "") -> str | None:

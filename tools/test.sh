@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh ".[test]"
-bash tools/install_bench_extra.sh  # open_clip_train for the throughput benchmark's test
+bash benchmarks/install_extra.sh  # open_clip_train for the throughput benchmark's test
 # shellcheck disable=SC1091
 . "${MLIP_VENV:-.venv}/bin/activate"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
