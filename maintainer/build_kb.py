@@ -94,7 +94,7 @@ class Curation:
     signs: tuple[dict, ...]                    # signs.csv: definitions from radiology_semantic_dict
     radlabels: dict                            # radlabels.json: labels, parents
     chexpert: dict                             # chexpert_labeler.json: default, class_concept, phrases
-    rsd_abbreviations: tuple[str, ...]         # radiology_semantic_dict.json: abbreviations
+    rsd_abbreviations: tuple[str, ...]         # abbreviations.json: keys of radiology_synonyms.json
     alias_owner: dict[str, str]                # alias_owner.json: owners
     sources: dict[str, dict]                   # sources.json: files, license, provenance_dir, use
 
@@ -124,7 +124,7 @@ def load_curation(directory: Path = CURATION_DIR) -> Curation:
     return Curation(rows=rows, signs=tuple(_read_csv(directory / "signs.csv", SIGN_COLUMNS)),
                     radlabels=_read_json(directory / "radlabels.json"),
                     chexpert={**chexpert, "class_concept": dict(chexpert["default"], **chexpert["class_concept"])},
-                    rsd_abbreviations=tuple(_read_json(directory / "radiology_semantic_dict.json")["abbreviations"]),
+                    rsd_abbreviations=tuple(_read_json(directory / "abbreviations.json")["abbreviations"]),
                     alias_owner=_read_json(directory / "alias_owner.json")["owners"], sources=sources)
 
 
