@@ -42,9 +42,9 @@ from mlip_ds.export import export_model  # noqa: E402
 from mlip_ds.model import adapters, warm_start  # noqa: E402
 from mlip_ds.model.concepts import ConceptVocab  # noqa: E402
 from mlip_ds.model.mlip import MLIPModel  # noqa: E402
-from mlip_ds.objective.checks import ObjectiveSetupError, check_objective  # noqa: E402
 from mlip_ds.model.towers import build_model, build_tokenizer  # noqa: E402
 from mlip_ds.objective import Objective  # noqa: E402
+from mlip_ds.objective.checks import ObjectiveSetupError, check_objective  # noqa: E402
 from mlip_ds.sync_audit import SyncAudit  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")

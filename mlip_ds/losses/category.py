@@ -102,8 +102,8 @@ def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, l
     ``cats`` (B, C) multi-hot of the local rows (gathered here, no gradient). ``mode="drop"``: their
     logits are removed, or with ``neg_weight`` w in (0, 1] each counts w times in the denominator
     (attenuated rather than dropped: w = 1 is plain InfoNCE; the push apart of two same-category
-    images, which keeps what tells them apart, is scaled by about w); ``"soft"``: the target puts weight 1 on the positive and ``soft_weight`` on each
-    same-category pair, normalised. With no shared category it equals ``info_nce``.
+    images, which keeps what tells them apart, is scaled by about w); ``"soft"``: the target puts
+    weight 1 on the positive and ``soft_weight`` on each same-category pair, normalised. With no shared category it equals ``info_nce``.
     """
     rank, world_size = dist_info()
     offset = rank * image_features.shape[0]
