@@ -11,6 +11,7 @@ from mlip_ds.config import build_parser, config_from_args, objective_preset
 from mlip_ds.data.pipeline import LoaderSpec, make_train_loader
 from mlip_ds.data.text_augment import augment_report
 from mlip_ds.data.transforms import train_transform
+from mlip_ds.losses.divergence import divergence_loss
 from mlip_ds.losses.objective import TERMS, total_loss
 from mlip_ds.losses.swap import negation_words
 from mlip_ds.model.concepts import ConceptVocab, load_concepts, unique_rows
@@ -446,3 +447,44 @@ def test_divergence_false_negative_switch(setup):
     on = compute_terms(out, inputs, objective)["divergence"]
     off = compute_terms(out, inputs, objective_preset("mlip", **SMALL, false_negatives_divergence=False))["divergence"]
     assert torch.allclose(on, masked) and torch.allclose(off, plain)
+
+
+def test_image_head_takes_the_image_image_term_off_the_shared_embedding(setup):
+    """--image-head: the image-image term scores a separate head's embeddings of the pooled features
+    before the projection (online with gradient, EMA without); the head and its EMA copy follow
+    ema_step, and the shared embedding gets no gradient from that term."""
+    cfg, tok, vocab, batch = setup
+    objective = objective_preset("clip", **SMALL, use_divergence=True, image_head=32)
+    model = _model(setup, objective).train()
+    inputs = BatchPreparer(objective, tok, vocab).prepare(batch, "cpu", seed=3)
+    out = model(**inputs)
+    b, e = batch["image"].shape[0], cfg["embed_dim"]
+    assert out["image_ssl"].shape == out["image_ssl_ema"].shape == (b, e)
+    assert out["image_ssl"].requires_grad and not out["image_ssl_ema"].requires_grad
+    assert torch.allclose(out["image_ssl"].norm(dim=-1), torch.ones(b), atol=1e-5)
+    assert not model._trunk_out  # nothing kept after the forward
+    # The head sees the pooled features before the projection: the tower's pooled output times proj.
+    with torch.no_grad():
+        pooled_pre = model.visual._pool(model.visual.transformer(model.visual._embeds(inputs["image"])))[0]
+        assert torch.allclose(pooled_pre @ model.visual.proj, model._encode(model.visual, inputs["image"])[0],
+                              atol=1e-5)
+        expected = torch.nn.functional.normalize(model.image_head(pooled_pre), dim=-1)
+    assert torch.allclose(out["image_ssl"], expected, atol=1e-5)
+    # The image-image term alone: gradient reaches the head and the trunk, never the projection.
+    loss = divergence_loss(out["image_features"], out["text_features"], out["image_features_ema"],
+                           out["text_features_ema"], out["logit_scale"], image_image_scale=10.0,
+                           image_ssl=out["image_ssl"], image_ssl_div=out["image_ssl_ema"])
+    plain = divergence_loss(out["image_features"], out["text_features"], out["image_features_ema"],
+                            out["text_features_ema"], out["logit_scale"])
+    params = [model.image_head[0].weight, model.visual.conv1.weight, model.visual.proj]
+    with_term = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    without = torch.autograd.grad(plain, params, retain_graph=True, allow_unused=True)
+    assert without[0] is None and with_term[0].abs().sum() > 0
+    assert not torch.allclose(with_term[1], without[1])  # the trunk learns from the term
+    assert torch.allclose(with_term[2], without[2], atol=1e-8)  # the projection does not
+    with torch.no_grad():
+        for p in model.image_head.parameters():
+            p.add_(1.0)
+    before = model.ema_image_head[0].weight.clone()
+    m = model.ema_step(0, 100)
+    assert torch.allclose(model.ema_image_head[0].weight, m * before + (1 - m) * model.image_head[0].weight)

@@ -26,7 +26,8 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                     logit_scale: torch.Tensor, cats: torch.Tensor | None = None, mode: str = "off",
                     soft_weight: float = 0.5, match: str = "exact",
                     image_image_scale: float | torch.Tensor | None = None,
-                    image_image_weight: float = 1.0, neg_weight: float = 0.0) -> torch.Tensor:
+                    image_image_weight: float = 1.0, neg_weight: float = 0.0,
+                    image_ssl: torch.Tensor | None = None, image_ssl_div: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE(image, text_div) + InfoNCE(image_div, text) [+ InfoNCE(image, image_div)] over the
     global batch.
 
@@ -35,7 +36,8 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     ``cats`` (B, C), ``mode`` ('off', 'drop', 'soft') and ``neg_weight``: the false-negative rule of the
     global term.
     ``image_image_scale``: 1/temperature of the image-image term, weighted by ``image_image_weight``;
-    None leaves it out.
+    None leaves it out. ``image_ssl``/``image_ssl_div``: the image-image term's own embeddings (a
+    separate head, ``--image-head``) instead of ``image_features``/``image_div``.
     """
     image_div, text_div = image_div.detach(), text_div.detach()
     rank, world_size = dist_info()
@@ -55,6 +57,15 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
             + pair_info_nce(image_div, text_features, all_image_div, all_text, logit_scale, offset, mask, mode,
                             soft_weight, neg_weight))
     if image_image_scale is not None:
+        if image_ssl is not None:
+            image_div = image_ssl_div.detach()
+            if world_size == 1:
+                all_ssl, all_ssl_div = image_ssl, image_div
+            else:
+                all_ssl, all_ssl_div = gather_features(image_ssl, image_div, local_loss=True, gather_with_grad=True,
+                                                       rank=rank, world_size=world_size)
+                all_ssl_div = all_ssl_div.detach()
+            image_features, all_image, all_image_div = image_ssl, all_ssl, all_ssl_div
         loss = loss + image_image_weight * pair_info_nce(image_features, image_div, all_image, all_image_div,
                                                          image_image_scale, offset)
     return loss

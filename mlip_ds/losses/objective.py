@@ -47,6 +47,10 @@ class ObjectiveConfig:
                 "image_div)): keeps image detail that no report names (our choice, docs/method.md)"})
     image_weight: float = field(default=1.0, metadata={"min": 0,
         "help": "weight of the image-image divergence term within the divergence term"})
+    image_head: int = field(default=0, metadata={"min": 0, "help":
+        "hidden width of a separate MLP head (SLIP's) that maps the image tower's pooled features before "
+        "its projection to the image-image space; 0: the image-image term uses the shared image-report "
+        "embedding, where the false-negative rule pulls same-finding images together"})
     image_temperature: float = field(default=0.1, metadata={"gt": 0,
         "help": "temperature of the image-image divergence term (SimCLR/MoCo range; the image-report terms "
                 "use the learned one)"})

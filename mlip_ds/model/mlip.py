@@ -93,6 +93,8 @@ class MLIPModel(nn.Module):
             for ema in (self.ema_visual, self.ema_text):
                 if hasattr(ema, "output_tokens"):
                     ema.output_tokens = False
+        if o.use_divergence and o.divergence_image and o.image_head > 0:
+            self._setup_image_head(embed_dim, o.image_head)
         if self.needs["knowledge"]:
             if num_concepts <= 0:
                 raise ValueError("the enabled terms need knowledge: pass num_concepts (the concept vocabulary size)")
@@ -120,6 +122,36 @@ class MLIPModel(nn.Module):
             self.swap_head = SwapHead(o.tucker_out)
 
     # ------------------------------------------------------------------ towers
+    def _setup_image_head(self, embed_dim: int, hidden: int) -> None:
+        """SLIP's separate image-image head on the pooled features before the tower's projection.
+
+        The false-negative rule pulls same-finding images together in the shared image-report
+        embedding; an image-image term in that same space fights it there and loses what no report
+        names. Its own head lets the projection drop what the reports cannot tell apart while the
+        trunk keeps it. open_clip's ViT applies its projection inside ``forward`` with no module
+        boundary, so the pre-projection features are taken from the transformer's output (a
+        forward hook) and pooled with the tower's own ``_pool``.
+        """
+        towers = {"online": self.visual, "ema": self.ema_visual}
+        if not all(hasattr(t, "_pool") and hasattr(t, "transformer") for t in towers.values()):
+            raise ValueError("--image-head needs an open_clip ViT image tower (pre-projection pooled features); "
+                             f"got {type(self.visual).__name__}")
+        width = int(self.visual.transformer.width)
+        self.image_head = nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(),
+                                        nn.Linear(hidden, embed_dim))
+        self.ema_image_head = make_ema_copy(self.image_head)
+        self._trunk_out: dict[str, torch.Tensor] = {}
+        for name, tower in towers.items():
+            def keep(module, args, output, name=name):
+                self._trunk_out[name] = output
+            tower.transformer.register_forward_hook(keep)
+
+    def _image_head_features(self, name: str) -> torch.Tensor:
+        """The image-image embedding of the last forward of tower ``name`` (online or ema), L2-normalised."""
+        tower, head = (self.visual, self.image_head) if name == "online" else (self.ema_visual, self.ema_image_head)
+        pooled = tower._pool(self._trunk_out.pop(name))[0]
+        return F.normalize(head(pooled.to(next(head.parameters()).dtype)), dim=-1)
+
     def _setup_tokens(self) -> None:
         """Tokens from both towers, and hooks that record the last layer's CLS attention (the
         importance weights of the local term) when ``self._capture`` is set."""
@@ -276,6 +308,10 @@ class MLIPModel(nn.Module):
             with torch.no_grad(), autocast:
                 out["image_features_ema"] = F.normalize(self.ema_visual(image2), dim=-1).to(img.dtype)
                 out["text_features_ema"] = F.normalize(self.ema_text(text2), dim=-1).to(txt.dtype)
+                if hasattr(self, "image_head"):
+                    out["image_ssl_ema"] = self._image_head_features("ema").to(img.dtype)
+            if hasattr(self, "image_head"):
+                out["image_ssl"] = self._image_head_features("online")
         know = concept_emb = None
         if self.needs["knowledge"] and (on["itm"] or on["swap"] or (on["local"] and o.local_knowledge)):
             concept_emb = F.normalize(self._encode(self.text, concept_tokens)[0], dim=-1)
@@ -315,6 +351,8 @@ class MLIPModel(nn.Module):
             k_sw = self.knowledge(concept_emb, swap_mention_ids, swap_mention_neg, swap_mention_mask,
                                   text_rows=swap_mention_rows).pooled
             out["swap_logits"], out["swap_labels"] = self.swap_head(self.fusion(img, t_sw, k_sw)), swap_labels
+        if hasattr(self, "_trunk_out"):
+            self._trunk_out.clear()  # a delayed divergence term leaves the online tower's output here
         return out
 
     # ------------------------------------------------------------------ after each optimizer step
@@ -326,6 +364,8 @@ class MLIPModel(nn.Module):
         m = momentum_schedule(step, total_steps, self.objective.ema_m0, self.objective.ema_m1)
         ema_update(self.ema_visual, self.visual, m)
         ema_update(self.ema_text, self.text, m)
+        if hasattr(self, "image_head"):
+            ema_update(self.ema_image_head, self.image_head, m)
         return m
 
 

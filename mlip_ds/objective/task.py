@@ -57,6 +57,8 @@ class Objective:
         if dtype != torch.float32 and cfg.use_divergence:
             module.ema_visual.float()
             module.ema_text.float()
+            if hasattr(module, "ema_image_head"):
+                module.ema_image_head.float()
         self.prior = getattr(module, "prior", None)  # the co-occurrence table (category term)
         self._prior_before = None
 

@@ -42,7 +42,9 @@ def compute_terms(out: dict, inputs: dict, objective: ObjectiveConfig, prior: Co
             mode=o.false_negatives if o.false_negatives_divergence else "off", soft_weight=o.soft_weight,
             match=o.false_negative_match, neg_weight=o.false_negative_weight,
             image_image_scale=1.0 / o.image_temperature if o.divergence_image else None,
-            image_image_weight=o.image_weight)
+            image_image_weight=o.image_weight,
+            image_ssl=out["image_ssl"].float() if "image_ssl" in out else None,
+            image_ssl_div=out["image_ssl_ema"].float() if "image_ssl_ema" in out else None)
     if on["local"]:
         tkp = out["tkp"]
         terms["local"] = local_alignment_loss(tkp.tokens, tkp.contexts, out["token_mask"], out["token_weights"],
