@@ -96,7 +96,8 @@ def describe(cfg: TrainConfig, total_steps: int, global_batch: int) -> list[str]
                       else "")
             extra = f" (false negatives: {o.false_negatives}{weight}, {o.false_negative_match} categories)"
         if t == "divergence":
-            extra = " (image-text cross terms" + (f" + image-image at T={o.image_temperature:g})"
+            head = f", own head of width {o.image_head}" if o.image_head > 0 else ""
+            extra = " (image-text cross terms" + (f" + image-image at T={o.image_temperature:g}{head})"
                                                    if o.divergence_image else ")")
         if t == "category":
             extra = f" (K={o.num_prototypes}, frozen for {o.freeze_prototypes_steps} steps)"

@@ -106,3 +106,22 @@ def test_clip_is_the_same_object_with_the_mlip_terms_off(setup, tmp_path):
     info = json.loads((tmp_path / "mlip.json").read_text())
     assert info["objective"]["num_prototypes"] == 16 and info["knowledge"] == KnowledgeConfig().__dict__
     assert (tmp_path / "mlip_state.safetensors").exists()
+
+
+def test_check_objective_refuses_a_weight_that_would_be_ignored_and_a_head_without_a_vit():
+    """Settings that would be silently ignored or cannot run end in one message naming the flag."""
+    import pytest
+
+    from mlip_ds.config import build_parser, config_from_args
+    from mlip_ds.model.towers import load_model_config
+    from mlip_ds.objective.checks import ObjectiveSetupError, check_objective
+
+    def check(*flags, model="tiny"):
+        cfg = config_from_args(build_parser().parse_args(["--objective", "mlip", "--kb", "", *flags]))
+        return check_objective(cfg, load_model_config(model), [])
+
+    with pytest.raises(ObjectiveSetupError, match="--false-negative-weight 0.25 .* --false-negatives soft"):
+        check("--false-negatives", "soft", "--false-negative-weight", "0.25")
+    with pytest.raises(ObjectiveSetupError, match="--image-head .* ResNet"):
+        check("--image-head", "64", model="rn50")
+    check("--false-negative-weight", "0.25", "--image-head", "64")  # drop and a ViT: fine

@@ -38,7 +38,15 @@ def check_objective(cfg: TrainConfig, model_cfg: dict, urls: list[str], zero_sta
                                  ("--swap-mode", o.swap_mode, ("auto", "mentions", "sentence"))):
         if value not in allowed:
             raise ObjectiveSetupError(f"{name} {value!r}: choose one of {list(allowed)}")
-    if o.use_local and isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple)):
+    if o.false_negative_weight > 0 and o.false_negatives != "drop":
+        raise ObjectiveSetupError(f"--false-negative-weight {o.false_negative_weight:g} weighs the pairs that "
+                                  f"'drop' leaves out; with --false-negatives {o.false_negatives} it would be "
+                                  "ignored: use --false-negatives drop, or leave the weight at 0")
+    resnet = isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple))
+    if o.use_divergence and o.divergence_image and o.image_head > 0 and resnet:
+        raise ObjectiveSetupError("--image-head takes the pooled features before the projection of a ViT image "
+                                  "tower; this model's image tower is a ResNet: use a ViT model or --image-head 0")
+    if o.use_local and resnet:
         raise ObjectiveSetupError("the local term needs patch tokens from a ViT image tower; this model's image tower is a "
                          "ResNet: use a ViT model (tiny, vit-b16) or --no-use-local")
     if o.use_itm and cfg.data.batch_size < 2:
