@@ -18,6 +18,9 @@ class DataConfig:
     samples_per_epoch: int = field(default=0, metadata={"min": 0, "help": "samples per epoch over all ranks (0: the manifest's count)"})
     batch_size: int = field(default=32, metadata={"min": 1, "help": "micro-batch per rank"})
     workers: int = field(default=2, metadata={"min": 0, "help": "data-loader worker processes per rank"})
+    loader_timeout: float = field(default=600.0, metadata={"min": 0, "help":
+        "seconds a loader worker may take for one batch; past it the epoch's loader is rebuilt at the same "
+        "position (a worker hung at its start: CPython < 3.11.8, gh-112275). 0: wait for ever"})
     shuffle_buffer: int = field(default=1000, metadata={"min": 0, "help": "samples in the shuffle buffer"})
     data_mode: str = field(default="resampled", metadata={
         "help": "'resampled': each rank/worker draws shards with replacement; 'split': disjoint shards per rank and worker"})

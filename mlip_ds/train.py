@@ -33,7 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from mlip_ds import checkpoint, recipe  # noqa: E402
 from mlip_ds.config import TrainConfig, build_parser, config_from_args, range_errors  # noqa: E402
-from mlip_ds.data.pipeline import LoaderSpec, ShardPathError, expand_shards, make_train_loader  # noqa: E402
+from mlip_ds.data.pipeline import (LoaderSpec, ShardPathError, StallGuard, expand_shards,  # noqa: E402
+                                   make_train_loader)
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
 from mlip_ds.ds_config import (DSConfigError, check_batch, load_ds_config, one_device_route,  # noqa: E402
@@ -276,14 +277,18 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last,
                         signature)
 
+    loader_restarts = 0
     sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
                           image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
                           cfg.data.data_mode, text_word_dropout=cfg.data.text_word_dropout,
-                          text_sentence_shuffle=cfg.data.text_sentence_shuffle, **objective.loader_options())
-        loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
-                                   resume_positions=rank_state["positions"])
+                          text_sentence_shuffle=cfg.data.text_sentence_shuffle, timeout=cfg.data.loader_timeout,
+                          **objective.loader_options())
+        epoch_loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
+                                         resume_positions=rank_state["positions"])
+        loader = StallGuard(epoch_loader, cfg.data.loader_timeout)
+        del epoch_loader
         t_wait = time.time()
         for batch in loader:
             window["wait"] += time.time() - t_wait
@@ -354,6 +359,11 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                 break
             t_wait = time.time()
         else:
+            if loader.stalled:  # rebuilt at the same positions: the same batches follow
+                loader_restarts += 1
+                log.warning("rank %d: %s; rebuilding the loader at step %d (restart %d)", rank, loader.stalled,
+                            state["step"], loader_restarts)
+                continue
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
             state["skipped_before_epoch"] += sum(_all_ranks_sum(rank_state["skipped"], device))
@@ -380,6 +390,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                "precision": ("bf16" if dtype == torch.bfloat16 else
                              "bf16 autocast" if ds_config.get("torch_autocast", {}).get("enabled") else "fp32"),
                "one_device_route": one_device,
+               "loader_restarts": int(sum(_all_ranks_sum([loader_restarts], device))),
                "peak_device_memory_gb": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None,
                "sync_audit": sync_report}
     if writer:

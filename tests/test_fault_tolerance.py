@@ -201,3 +201,25 @@ def test_checksums_catch_a_changed_byte_and_old_markers_load_unverified(tmp_path
     with caplog.at_level("INFO", logger="mlip_ds.checkpoint"):
         assert _damage(tag) is None
     assert "no checksums" in caplog.text and "unverified" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_hung_loader_worker_is_replaced_and_the_run_is_unchanged(synthetic_shards, tmp_path):
+    """A worker that hangs at its start (CPython < 3.11.8 can leave a forked worker so, gh-112275)
+    costs --loader-timeout seconds, not the run: the rank rebuilds its loader at the same stream
+    positions and trains the same losses as a run without the hang."""
+    shards = synthetic_shards["train"]
+    ref_out, out = tmp_path / "reference", tmp_path / "stalled"
+    args = {"--epochs": 2, "--loader-timeout": 10}
+    _ok(_run(_args(shards, ref_out, **args)))
+    marker = tmp_path / "stalled-once"
+    r = _run(_args(shards, out, **args), env=train_env(MLIP_FAULT_INJECT=f"stall_worker:1:{marker}"))
+    _ok(r)
+    assert marker.exists() and "rebuilding the loader" in r.stderr
+    reference, after = read_train_log(ref_out), read_train_log(out)
+    assert sorted(after) == sorted(reference) == list(range(1, 25))
+    for step in reference:
+        a, b = reference[step]["loss/total"], after[step]["loss/total"]
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+    assert json.loads((out / "summary.json").read_text())["loader_restarts"] == 1
+    assert json.loads((ref_out / "summary.json").read_text())["loader_restarts"] == 0

@@ -174,3 +174,4 @@ def test_batch_tokenization_equals_per_sample_tokenization(synthetic_shards):
     texts = ["FINDINGS: No pleural effusion.  Heart   normal.", "", "IMPRESSION: " + "opacity " * 100,
              "ünïcödé — text\nwith lines"]
     assert torch.equal(tok(texts), torch.cat([tok(t) for t in texts]))
+

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,6 +111,7 @@ class LoaderSpec:
     # (batch, seed) -> batch, run in the worker after batching (the trainer's MLIPModel inputs);
     # ``seed`` comes from the batch's stream position, so its random draws replay on resume.
     batch_fn: Callable[[dict, int], dict] | None = None
+    timeout: float = 0.0           # seconds per batch from a worker before LoaderStalled (0: none)
 
 
 def stream_id(start_batch: int, num_streams: int) -> int:
@@ -148,6 +150,49 @@ class _Stream:
     __call__ = id
 
 
+def _injected_stall(epoch: int, rank: int) -> None:
+    """Test hook: MLIP_FAULT_INJECT=stall_worker:EPOCH:MARKER hangs one loader worker of rank 0 in
+    that epoch, once (the MARKER file records it): a worker hung at its start, as gh-112275 leaves it."""
+    spec = os.environ.get("MLIP_FAULT_INJECT", "")
+    if not spec.startswith("stall_worker:") or rank != 0 or torch.utils.data.get_worker_info() is None:
+        return
+    at, marker = spec[len("stall_worker:"):].split(":", 1)
+    if int(at) == epoch:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        time.sleep(3600)
+
+
+class StallGuard:
+    """Iterate a loader; a DataLoader timeout ends the iteration and is kept in ``stalled`` (a message).
+
+    Why: a worker forked while another thread of the rank creates its Python thread state (gloo's
+    run loops do, after a collective) can hang for good before it runs a line on CPython < 3.11.8
+    (gh-112275; seen here on 3.11.7: a rank stuck at an epoch boundary). The rank would wait on it
+    until the job's time limit. With ``LoaderSpec.timeout`` the trainer sees ``stalled`` and rebuilds
+    the loader at the same stream positions, which replays the same batches. Other errors pass.
+    """
+
+    def __init__(self, loader, timeout: float):
+        self.loader, self.timeout, self.stalled = loader, timeout, ""
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                self.stalled = f"a data-loader worker gave no batch in {self.timeout:g} s ({e})"
+                return
+            yield batch
+
+
 def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: int = 0,
                       resume_positions: list[int] | None = None) -> wds.WebLoader:
     """Build the loader for one epoch (or what is left of it).
@@ -184,6 +229,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
     def decode_stream(src):
         sid = stream()
         bad = 0
+        _injected_stall(epoch, rank)
         for pos, raw in enumerate(src, start=1):
             if pos <= skip[sid]:
                 continue  # consumed before the checkpoint: skipped without decoding
@@ -250,5 +296,6 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
     loader = wds.WebLoader(dataset.with_epoch(per_stream), batch_size=None, shuffle=False,
                            num_workers=max(0, spec.workers), persistent_workers=False,
                            pin_memory=torch.cuda.is_available(),
+                           timeout=spec.timeout if spec.workers > 0 else 0,
                            generator=torch.Generator().manual_seed(seed))
     return loader.with_epoch(spec.batches_per_epoch)
