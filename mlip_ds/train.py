@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                           image_size, mean, std, cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed,
                           cfg.data.data_mode, text_word_dropout=cfg.data.text_word_dropout,
                           text_sentence_shuffle=cfg.data.text_sentence_shuffle, timeout=cfg.data.loader_timeout,
-                          **objective.loader_options())
+                          intensity_jitter=cfg.data.intensity_jitter, **objective.loader_options())
         epoch_loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
                                          resume_positions=rank_state["positions"])
         loader = StallGuard(epoch_loader, cfg.data.loader_timeout)

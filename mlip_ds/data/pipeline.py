@@ -111,7 +111,8 @@ class LoaderSpec:
     # (batch, seed) -> batch, run in the worker after batching (the trainer's MLIPModel inputs);
     # ``seed`` comes from the batch's stream position, so its random draws replay on resume.
     batch_fn: Callable[[dict, int], dict] | None = None
-    timeout: float = 0.0           # seconds per batch from a worker before LoaderStalled (0: none)
+    timeout: float = 0.0           # seconds per batch from a worker before StallGuard rebuilds (0: none)
+    intensity_jitter: float = 0.2  # brightness/contrast jitter of both views (transforms.train_transform)
 
 
 def stream_id(start_batch: int, num_streams: int) -> int:
@@ -220,7 +221,7 @@ def make_train_loader(spec: LoaderSpec, tokenizer, epoch: int = 0, start_batch: 
                              "--data-mode resampled")
     stream = _Stream(start_batch, streams)
     skip = list(resume_positions or [0] * streams)
-    transform = train_transform(spec.image_size, spec.mean, spec.std)
+    transform = train_transform(spec.image_size, spec.mean, spec.std, intensity_jitter=spec.intensity_jitter)
 
     def shuffle(src):
         rng = random.Random(wds.utils.make_seed(seed, rank, stream()))

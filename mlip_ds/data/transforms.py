@@ -26,13 +26,14 @@ class RepeatGray:
         return f"{type(self).__name__}()"
 
 
-def train_transform(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.6, 1.0)):
-    """Random resized crop + small affine + contrast jitter, the usual CXR pretraining augmentation."""
+def train_transform(image_size: int, mean=CLIP_MEAN, std=CLIP_STD, scale=(0.6, 1.0), intensity_jitter: float = 0.2):
+    """Random resized crop + small affine + brightness/contrast jitter (``intensity_jitter``; 0: none),
+    the usual CXR pretraining augmentation."""
     return T.Compose([
         T.Grayscale(num_output_channels=1),
         T.RandomResizedCrop(image_size, scale=scale, ratio=(0.9, 1.1), antialias=True),
         T.RandomAffine(degrees=5, translate=(0.03, 0.03)),
-        T.ColorJitter(brightness=0.2, contrast=0.2),
+        *([T.ColorJitter(brightness=intensity_jitter, contrast=intensity_jitter)] if intensity_jitter > 0 else []),
         T.ToTensor(),
         RepeatGray(),
         T.Normalize(mean, std),
