@@ -113,13 +113,6 @@ def _forward_loss(model, objective, inputs, prior=None):
                       step=10**6)[0]
 
 
-def _ema_fp32(module, objective) -> None:
-    """As the trainer keeps them with bf16 weights: EMA towers in fp32."""
-    if objective.use_divergence:
-        module.ema_visual.float()
-        module.ema_text.float()
-
-
 class Step:
     """One training step of ``system`` split in phases: ``forward() -> loss``, ``backward(loss)``,
     ``step()``; ``module`` is the model trained. Built by ``build_step``."""
@@ -166,7 +159,7 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
         if not autocast:
             for param in model.parameters():  # parameters only, buffers stay fp32: as DeepSpeed's bf16 casts
                 param.data = param.data.to(torch.bfloat16)
-            _ema_fp32(model, objective)
+            model.ema_to_fp32()
         opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                 eps=o.eps, fused=True)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -196,7 +189,7 @@ def build_step(model_cfg: dict, objective, system: str, batch: int = 4, device: 
     one_device = one_device_route(ds, 1)  # the trainer's route (ds_configs/one_gpu.json), as train.py takes it
     grad_clip = take_gradient_clipping(ds) if one_device or "clip" in routes else 0.0
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=param_groups(model, o.weight_decay))
-    _ema_fp32(engine.module, objective)
+    engine.module.ema_to_fp32()  # as the trainer keeps them with bf16 weights
     if one_device:
         clip_grads = one_device_step(engine, grad_clip)
     else:

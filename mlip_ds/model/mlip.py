@@ -355,6 +355,13 @@ class MLIPModel(nn.Module):
             self._trunk_out.clear()  # a delayed divergence term leaves the online tower's output here
         return out
 
+    def ema_to_fp32(self) -> None:
+        """Under bf16 weights, keep the divergence encoders in fp32: with m = 0.999 a bf16 copy could
+        not move (its step is below bf16's resolution); their forward runs under autocast."""
+        for name in ("ema_visual", "ema_text", "ema_image_head"):
+            if hasattr(self, name):
+                getattr(self, name).float()
+
     # ------------------------------------------------------------------ after each optimizer step
     @torch.no_grad()
     def ema_step(self, step: int, total_steps: int) -> float:

@@ -54,11 +54,8 @@ class Objective:
         self.needs = needs(cfg)
         self.preparer = BatchPreparer(cfg, tokenizer, vocab, knowledge.concept_context_length,
                                       knowledge.max_mentions)
-        if dtype != torch.float32 and cfg.use_divergence:
-            module.ema_visual.float()
-            module.ema_text.float()
-            if hasattr(module, "ema_image_head"):
-                module.ema_image_head.float()
+        if dtype != torch.float32:
+            module.ema_to_fp32()
         self.prior = getattr(module, "prior", None)  # the co-occurrence table (category term)
         self._prior_before = None
 
