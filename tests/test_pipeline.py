@@ -175,3 +175,23 @@ def test_batch_tokenization_equals_per_sample_tokenization(synthetic_shards):
              "ünïcödé — text\nwith lines"]
     assert torch.equal(tok(texts), torch.cat([tok(t) for t in texts]))
 
+
+
+def test_intensity_jitter_zero_keeps_the_gray_levels():
+    """--intensity-jitter 0: crops and affine moves only, so a uniform radiograph keeps its gray level
+    in every draw; with the default jitter the level changes from draw to draw."""
+    from mlip_ds.data.transforms import train_transform
+
+    image = Image.new("L", (96, 96), color=100)
+
+    def centre_values(jitter):
+        t = train_transform(64, (0.0,) * 3, (1.0,) * 3, intensity_jitter=jitter)
+        values = []
+        for seed in range(8):
+            torch.manual_seed(seed)
+            values.append(float(t(image)[0, 32, 32]))
+        return values
+
+    assert centre_values(0.0) == pytest.approx([100 / 255] * 8, abs=1e-6)
+    jittered = centre_values(0.2)
+    assert max(jittered) - min(jittered) > 0.02
