@@ -212,6 +212,10 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, recipe.pretrained_towers(cfg),
                           cfg.optim.lr_pretrained)
     one_device = one_device_route(ds_config, world)
+    if rank == 0 and world == 1 and ds_stage in (1, 2):
+        log.warning("one rank with ZeRO-%d: nothing to shard, and DeepSpeed's per-parameter bookkeeping "
+                    "doubles the host work per step; --deepspeed_config ds_configs/one_gpu.json takes the "
+                    "one-device route (docs/benchmarks.md, section 7)", ds_stage)
     grad_clip = take_gradient_clipping(ds_config) if one_device else 0.0
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
     clip_grads = one_device_step(engine, grad_clip) if one_device else None

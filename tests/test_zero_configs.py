@@ -23,6 +23,7 @@ def _train(shards, out, config, ranks=2, extra=()):
     r = subprocess.run(deepspeed_cmd(args, ranks=ranks, ds_config=config), cwd=ROOT, env=train_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (out / "stderr.txt").write_text(r.stderr)
     return out / "export"
 
 
@@ -48,6 +49,8 @@ def test_one_device_route_trains_the_same_weights_as_zero2_on_one_rank(synthetic
     unclipped = _train(synthetic_shards, tmp_path / "unclipped", "one_gpu.json", ranks=1, extra=["--grad-clip", "0"])
     summaries = [json.loads((d.parent / "summary.json").read_text()) for d in (zero2, route)]
     assert [s["one_device_route"] for s in summaries] == [False, True]
+    hints = ["takes the one-device route" in (d.parent / "stderr.txt").read_text() for d in (zero2, route)]
+    assert hints == [True, False]  # ZeRO-2 on one rank points to one_gpu.json
     a, b, c = (load_model(str(d))[0].state_dict() for d in (zero2, route, unclipped))
     assert max((a[k] - c[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-3
     for k in a:
