@@ -112,7 +112,7 @@ class LoaderSpec:
     # ``seed`` comes from the batch's stream position, so its random draws replay on resume.
     batch_fn: Callable[[dict, int], dict] | None = None
     timeout: float = 0.0           # seconds per batch from a worker before StallGuard rebuilds (0: none)
-    intensity_jitter: float = 0.2  # brightness/contrast jitter of both views (transforms.train_transform)
+    intensity_jitter: float = 0.0  # brightness/contrast jitter of both views (transforms.train_transform)
 
 
 def stream_id(start_batch: int, num_streams: int) -> int:
