@@ -78,6 +78,10 @@ def warnings_for(cfg: TrainConfig, total_steps: int, global_batch: int) -> list[
         if cfg.optim.lr_pretrained > HIGH_LR_FOR_PRETRAINED:
             out.append(f"pretrained {prefix[:-1]} tower at learning rate {cfg.optim.lr_pretrained:g}: above "
                        f"{HIGH_LR_FOR_PRETRAINED:g} a pretrained BERT/ViT forgets what it knew (the method: 2e-5)")
+    if o.use_divergence and o.divergence_image and cfg.data.intensity_jitter > 0:
+        out.append(f"--intensity-jitter {cfg.data.intensity_jitter:g}: the image-image term learns to ignore the gray "
+                   "levels its two views differ in; on real X-rays that cost MLIP 0.02-0.03 AUC on what no report "
+                   "names (docs/ablation.md); the default is 0")
     if o.use_divergence and o.ema_m0 >= 1.0:
         out.append("--ema-m0 1.0: the divergence encoders never follow the online towers")
     return out

@@ -35,10 +35,10 @@ def test_describe_and_warnings():
         assert part in text, (part, text)
     assert recipe.warnings_for(cfg, 500, 64) == []  # the defaults are the recipe: nothing to warn about
     bad = recipe.resolve(_cfg("--aux-start", "0", "--num-prototypes", "500", "--freeze-prototypes", "1.0",
-                              "--pretrained-text", "--lr-pretrained", "5e-4"), 500, 64)
+                              "--pretrained-text", "--lr-pretrained", "5e-4", "--intensity-jitter", "0.2"), 500, 64)
     warned = "\n".join(recipe.warnings_for(bad, 500, 64))
     for part in ("start at step 0", "500 prototypes for a global batch of 64", "frozen for the whole run",
-                 "pretrained text tower at learning rate 0.0005"):
+                 "pretrained text tower at learning rate 0.0005", "--intensity-jitter 0.2: the image-image"):
         assert part in warned, (part, warned)
     assert recipe.warnings_for(recipe.resolve(_cfg("--objective", "clip"), 500, 64), 500, 64) == []
 
