@@ -49,6 +49,7 @@ from mlip_ds.objective.checks import ObjectiveSetupError, check_objective  # noq
 from mlip_ds.sync_audit import SyncAudit  # noqa: E402
 
 log = logging.getLogger("mlip_ds.train")
+MAX_STALLS_AT_ONE_STEP = 3  # loader rebuilds in a row at one step before the run stops
 # open_clip's gather uses torch.distributed.nn.all_gather, which torch 2.14 marks deprecated.
 warnings.filterwarnings("ignore", message=r".*all_gather.*deprecated", category=FutureWarning)
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; rerun with --resume latest
@@ -281,7 +282,7 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         checkpoint.save(engine, ckpt_dir, state["step"], {**state, **run_info}, dict(rank_state), cfg.run.keep_last,
                         signature)
 
-    loader_restarts = 0
+    loader_restarts, stalled_at, stalls_here = 0, -1, 0
     sync_audit = SyncAudit(cfg.run.sync_debug and torch.device(device).type == "cuda")
     while state["step"] < total_steps and state["epoch"] < cfg.run.epochs:
         spec = LoaderSpec(cfg.data.train_shards, cfg.data.batch_size, micro_per_epoch - state["micro_in_epoch"],
@@ -365,6 +366,13 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         else:
             if loader.stalled:  # rebuilt at the same positions: the same batches follow
                 loader_restarts += 1
+                stalls_here = stalls_here + 1 if stalled_at == state["step"] else 1
+                stalled_at = state["step"]
+                if stalls_here > MAX_STALLS_AT_ONE_STEP:  # not a hung fork: the data itself is this slow
+                    # No save here: a checkpoint is collective and the other ranks wait in the step.
+                    raise RuntimeError(f"rank {rank}: the data loader stalled {stalls_here} times at step "
+                                       f"{state['step']} ({loader.stalled}): check the shards' storage, or raise "
+                                       "--loader-timeout; resume from the last checkpoint with --resume latest")
                 log.warning("rank %d: %s; rebuilding the loader at step %d (restart %d)", rank, loader.stalled,
                             state["step"], loader_restarts)
                 continue

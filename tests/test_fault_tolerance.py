@@ -223,3 +223,13 @@ def test_a_hung_loader_worker_is_replaced_and_the_run_is_unchanged(synthetic_sha
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
     assert json.loads((out / "summary.json").read_text())["loader_restarts"] == 1
     assert json.loads((ref_out / "summary.json").read_text())["loader_restarts"] == 0
+
+
+@pytest.mark.slow
+def test_a_loader_that_keeps_stalling_stops_the_run_with_a_clear_error(synthetic_shards, tmp_path):
+    """Not a hung fork but data that never comes: after 3 rebuilds at one step the run stops and says
+    what to check, instead of rebuilding for ever."""
+    r = _run(_args(synthetic_shards["train"], tmp_path / "stuck", **{"--loader-timeout": 3}),
+             env=train_env(MLIP_FAULT_INJECT="stall_worker:0:"))
+    assert r.returncode != 0
+    assert "the data loader stalled 4 times at step 0" in r.stdout + r.stderr

@@ -153,16 +153,18 @@ class _Stream:
 
 def _injected_stall(epoch: int, rank: int) -> None:
     """Test hook: MLIP_FAULT_INJECT=stall_worker:EPOCH:MARKER hangs one loader worker of rank 0 in
-    that epoch, once (the MARKER file records it): a worker hung at its start, as gh-112275 leaves it."""
+    that epoch, once (the MARKER file records it; an empty MARKER: every time): a worker hung at its
+    start, as gh-112275 leaves it."""
     spec = os.environ.get("MLIP_FAULT_INJECT", "")
     if not spec.startswith("stall_worker:") or rank != 0 or torch.utils.data.get_worker_info() is None:
         return
     at, marker = spec[len("stall_worker:"):].split(":", 1)
     if int(at) == epoch:
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
+        if marker:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
         time.sleep(3600)
 
 
