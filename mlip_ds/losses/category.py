@@ -17,9 +17,8 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.loss import gather_features
 
-from mlip_ds.losses.global_contrast import dist_info
+from mlip_ds.losses.global_contrast import dist_info, global_rows
 from mlip_ds.model.prototypes import CooccurrencePrior, sinkhorn
 
 
@@ -105,13 +104,8 @@ def masked_info_nce(image_features: torch.Tensor, text_features: torch.Tensor, l
     images, which keeps what tells them apart, is scaled by about w); ``"soft"``: the target puts
     weight 1 on the positive and ``soft_weight`` on each same-category pair, normalised. With no shared category it equals ``info_nce``.
     """
-    rank, world_size = dist_info()
-    offset = rank * image_features.shape[0]
-    if world_size == 1:
-        all_image, all_text = image_features, text_features
-    else:
-        all_image, all_text = gather_features(image_features, text_features, local_loss=True,
-                                              gather_with_grad=True, rank=rank, world_size=world_size)
+    offset = dist_info()[0] * image_features.shape[0]
+    all_image, all_text = global_rows(image_features, text_features)
     mask = category_mask(cats, gather_categories(cats), offset=offset, match=match)
     return pair_info_nce(image_features, text_features, all_image, all_text, logit_scale, offset, mask, mode,
                          soft_weight, neg_weight)

@@ -15,10 +15,9 @@ category mask and its own temperature.
 from __future__ import annotations
 
 import torch
-from open_clip.loss import gather_features
 
 from mlip_ds.losses.category import category_mask, gather_categories, pair_info_nce
-from mlip_ds.losses.global_contrast import dist_info
+from mlip_ds.losses.global_contrast import dist_info, global_rows
 
 
 def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -40,15 +39,10 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     separate head, ``--image-head``) instead of ``image_features``/``image_div``.
     """
     image_div, text_div = image_div.detach(), text_div.detach()
-    rank, world_size = dist_info()
+    rank, _ = dist_info()
     offset = rank * image_features.shape[0]
-    if world_size == 1:
-        all_image, all_text, all_image_div, all_text_div = image_features, text_features, image_div, text_div
-    else:
-        all_image, all_text = gather_features(image_features, text_features, local_loss=True,
-                                              gather_with_grad=True, rank=rank, world_size=world_size)
-        all_image_div, all_text_div = gather_features(image_div, text_div, local_loss=True,
-                                                      gather_with_grad=False, rank=rank, world_size=world_size)
+    all_image, all_text = global_rows(image_features, text_features, with_grad=True)
+    all_image_div, all_text_div = global_rows(image_div, text_div, with_grad=False)
     mask = None
     if mode != "off" and cats is not None:
         mask = category_mask(cats, gather_categories(cats), offset=offset, match=match)
@@ -59,13 +53,9 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if image_image_scale is not None:
         if image_ssl is not None:
             image_div = image_ssl_div.detach()
-            if world_size == 1:
-                all_ssl, all_ssl_div = image_ssl, image_div
-            else:
-                all_ssl, all_ssl_div = gather_features(image_ssl, image_div, local_loss=True, gather_with_grad=True,
-                                                       rank=rank, world_size=world_size)
-                all_ssl_div = all_ssl_div.detach()
-            image_features, all_image, all_image_div = image_ssl, all_ssl, all_ssl_div
+            all_image, all_image_div = global_rows(image_ssl, image_div, with_grad=True)
+            image_features, all_image_div = image_ssl, all_image_div.detach()
         loss = loss + image_image_weight * pair_info_nce(image_features, image_div, all_image, all_image_div,
                                                          image_image_scale, offset)
     return loss
+

@@ -35,13 +35,18 @@ def info_nce(image_features: torch.Tensor, text_features: torch.Tensor, logit_sc
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
+def global_rows(a: torch.Tensor, b: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' rows of two local (B, D) tensors, open_clip's gather (``with_grad``: the gradient
+    flows back to each rank's own rows); on one rank the tensors themselves."""
+    rank, world_size = dist_info()
+    if world_size == 1:
+        return a, b
+    return gather_features(a, b, local_loss=True, gather_with_grad=with_grad, rank=rank, world_size=world_size)
+
+
 def global_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                             logit_scale: torch.Tensor) -> torch.Tensor:
     """InfoNCE over the global batch (all ranks); each rank returns the loss of its own rows."""
-    rank, world_size = dist_info()
-    if world_size == 1:
-        return info_nce(image_features, text_features, logit_scale)
-    all_image, all_text = gather_features(image_features, text_features, local_loss=True,
-                                          gather_with_grad=True, rank=rank, world_size=world_size)
+    all_image, all_text = global_rows(image_features, text_features)
     return info_nce(image_features, text_features, logit_scale, all_image, all_text,
-                    offset=rank * image_features.shape[0])
+                    offset=dist_info()[0] * image_features.shape[0])
