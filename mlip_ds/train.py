@@ -290,10 +290,9 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
                           cfg.data.data_mode, text_word_dropout=cfg.data.text_word_dropout,
                           text_sentence_shuffle=cfg.data.text_sentence_shuffle, timeout=cfg.data.loader_timeout,
                           intensity_jitter=cfg.data.intensity_jitter, **objective.loader_options())
-        epoch_loader = make_train_loader(spec, tokenizer, epoch=state["epoch"], start_batch=state["micro_in_epoch"],
-                                         resume_positions=rank_state["positions"])
-        loader = StallGuard(epoch_loader, cfg.data.loader_timeout)
-        del epoch_loader
+        loader = StallGuard(make_train_loader(spec, tokenizer, epoch=state["epoch"],
+                                              start_batch=state["micro_in_epoch"],
+                                              resume_positions=rank_state["positions"]))
         t_wait = time.time()
         for batch in loader:
             window["wait"] += time.time() - t_wait
