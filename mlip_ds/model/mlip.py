@@ -355,12 +355,16 @@ class MLIPModel(nn.Module):
             self._trunk_out.clear()  # a delayed divergence term leaves the online tower's output here
         return out
 
+    def _ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(EMA copy, online module) of each divergence encoder this model has."""
+        names = (("ema_visual", "visual"), ("ema_text", "text"), ("ema_image_head", "image_head"))
+        return [(getattr(self, e), getattr(self, o)) for e, o in names if hasattr(self, e)]
+
     def ema_to_fp32(self) -> None:
         """Under bf16 weights, keep the divergence encoders in fp32: with m = 0.999 a bf16 copy could
         not move (its step is below bf16's resolution); their forward runs under autocast."""
-        for name in ("ema_visual", "ema_text", "ema_image_head"):
-            if hasattr(self, name):
-                getattr(self, name).float()
+        for ema, _ in self._ema_pairs():
+            ema.float()
 
     # ------------------------------------------------------------------ after each optimizer step
     @torch.no_grad()
@@ -369,10 +373,8 @@ class MLIPModel(nn.Module):
         if not self.objective.use_divergence:
             return float("nan")
         m = momentum_schedule(step, total_steps, self.objective.ema_m0, self.objective.ema_m1)
-        ema_update(self.ema_visual, self.visual, m)
-        ema_update(self.ema_text, self.text, m)
-        if hasattr(self, "image_head"):
-            ema_update(self.ema_image_head, self.image_head, m)
+        for ema, online in self._ema_pairs():
+            ema_update(ema, online, m)
         return m
 
 
