@@ -621,6 +621,29 @@ def _auc_and_deltas(runs: list[dict], ref_runs: list[dict] | None, f: str, task:
     return vals, deltas
 
 
+def _per_seed_deltas(runs: list[dict], ref_runs: list[dict], fracs: Sequence[str], task: str) -> tuple[dict, dict]:
+    """Per pretraining seed: both encoders' mean AUC and the paired difference over that seed's label
+    subsamples (mean, SE over the subsamples); and over seeds: the mean of those per-seed differences
+    with its SE over *pretraining* seeds. The pooled Δ treats (pretraining seed, subsample) pairs as one
+    sample; a recipe that wins for one seed and loses for another shows here."""
+    per_seed, over_seeds = {}, {}
+    for f in fracs:
+        rows = []
+        for run in runs:
+            rrun = next((r for r in ref_runs if r["seed"] == run["seed"]), None)
+            if rrun is None:
+                continue
+            vals, deltas = _auc_and_deltas([run], [rrun], f, task)
+            ref_vals, _ = _auc_and_deltas([rrun], None, f, task)
+            if not deltas:
+                continue
+            rows.append({"seed": run["seed"], "auc": _mean_std(vals)["mean"], "clip_auc": _mean_std(ref_vals)["mean"],
+                         **paired_stats(deltas)})
+        per_seed[f] = rows
+        over_seeds[f] = paired_stats([r["mean"] for r in rows])
+    return per_seed, over_seeds
+
+
 def summarize(result: dict) -> dict:
     """Fill ``summary`` (AUC mean ± std over all (pretraining seed, probe seed) pairs, speed, losses),
     ``delta_vs_clip`` (paired differences to CLIP: same pretraining and probe seed; mean ± std, se,
@@ -641,6 +664,8 @@ def summarize(result: dict) -> dict:
                 vals, deltas = _auc_and_deltas(v["runs"], ref["runs"] if ref else None, f, t)
                 ts["auc"][f] = _mean_std(vals)
                 ts["delta_vs_clip"][f] = paired_stats(deltas) if ref is not None else None
+            if ref is not None and name != "clip":
+                ts["per_seed"], ts["over_seeds"] = _per_seed_deltas(v["runs"], ref["runs"], fracs, t)
         summ["samples_per_s"] = _mean_std([r.get("samples_per_s") for r in v["runs"]])
         keys = sorted({k for r in v["runs"] for k in r.get("final_losses", {})})
         summ["final_losses"] = {k: _mean_std([r["final_losses"].get(k) for r in v["runs"]])["mean"] for k in keys}
@@ -792,6 +817,50 @@ def format_task_table(result: dict, task: str, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _signed_delta(d: dict, digits: int) -> str:
+    """Δ ± SE with ✓ (beyond 2 SE above 0) or ✗ (beyond 2 SE below 0)."""
+    txt = _delta_cell(d, digits).replace(f" (n={d['n']})", "")
+    if d.get("beyond_2se"):
+        txt += " **✓**" if d["mean"] > 0 else " ✗"
+    return txt
+
+
+def format_seed_table(result: dict, task: str, digits: int = 3) -> str:
+    """With several pretraining seeds: variant | seed | per fraction CLIP AUC, the variant's AUC and Δ ± SE
+    over that seed's label subsamples; then a row per variant with the mean over seeds ± SE over seeds.
+    Empty when there is no CLIP or only one seed."""
+    fracs = result["fractions"]
+    if "clip" not in result["variants"] or len(result.get("settings", {}).get("seeds", [])) < 2:
+        return ""
+    header = ["variant", "pretraining seed"]
+    for f in fracs:
+        header += [f"CLIP {_frac_header(f)}", f"AUC {_frac_header(f)}", f"Δ {_frac_header(f)} (± SE)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "|".join(["---:"] * (len(header) - 2)) + "|"]
+    for name, v in result["variants"].items():
+        ts = (v["summary"].get("tasks") or {}).get(task) or {}
+        per_seed, over = ts.get("per_seed") or {}, ts.get("over_seeds") or {}
+        if not per_seed:
+            continue
+        seeds = sorted({r["seed"] for rows in per_seed.values() for r in rows})
+        for seed in seeds:
+            row = [_variant_label(name), str(seed)]
+            for f in fracs:
+                r = next((x for x in per_seed.get(f, []) if x["seed"] == seed), None)
+                row += (["n/a"] * 3 if r is None else
+                        [f"{r['clip_auc']:.{digits}f}", f"{r['auc']:.{digits}f}", _signed_delta(r, digits)])
+            lines.append("| " + " | ".join(row) + " |")
+        row = [_variant_label(name), f"mean of {len(seeds)} (± SE over seeds)"]
+        for f in fracs:
+            rows = per_seed.get(f, [])
+            ca = _mean_std([r["clip_auc"] for r in rows])["mean"]
+            va = _mean_std([r["auc"] for r in rows])["mean"]
+            o = over.get(f) or {}
+            row += ["n/a" if ca is None else f"{ca:.{digits}f}", "n/a" if va is None else f"{va:.{digits}f}",
+                    "n/a" if o.get("mean") is None else _signed_delta(o, digits)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def format_task_tables(result: dict, digits: int = 3) -> str:
     st = result.get("settings", {})
     n_seeds = len(st.get("seeds", [])) or "?"
@@ -800,6 +869,10 @@ def format_task_tables(result: dict, digits: int = 3) -> str:
     for task, info in (result.get("tasks") or {}).items():
         parts += [f"\n## Probe task `{task}`\n\n", f"Train `{info.get('train')}`, test `{info.get('test')}`.\n\n",
                   format_task_table(result, task, digits)]
+        seed_table = format_seed_table(result, task, digits)
+        if seed_table:
+            parts += ["\nPer pretraining seed (Δ ± SE over that seed's label subsamples; ✓/✗: beyond 2 SE above/below "
+                      "CLIP; last row: the mean of the per-seed Δ ± SE over pretraining seeds):\n\n", seed_table]
     parts.append(
         f"\nAUC: linear-probe ROC AUC (mean over the task's labels), mean ± std over {n_seeds} pretraining seed(s) "
         f"x {n_probe} label-subsample seed(s). Δ vs CLIP: mean of the paired differences (same pretraining "
@@ -897,7 +970,13 @@ def write_outputs(result: dict, out: str) -> tuple[Path, Path, Path]:
                  f"{st.get('global_batch')}), lr {st.get('lr')}, seeds {st.get('seeds')}. Probe: train "
                  f"`{st.get('probe_train')}`, test `{st.get('probe_test')}`, fractions {st.get('fractions')}, "
                  f"probe seeds {st.get('probe_seeds')}.", ""]
-    md = "\n".join(head) + (format_task_tables(result) if task_mode(result) else format_table(result))
+    if task_mode(result):
+        body = format_task_tables(result)
+    else:
+        seed_table = format_seed_table(result, LEGACY_TASK)
+        body = format_table(result) + (f"\nPer pretraining seed (Δ ± SE over that seed's label subsamples; last row: "
+                                       f"± SE over pretraining seeds):\n\n{seed_table}" if seed_table else "")
+    md = "\n".join(head) + body
     if result.get("commands"):
         md += "\nTrainer commands:\n\n```\n" + "\n".join(result["commands"].values()) + "\n```\n"
     paths = (out_dir / "ablation.json", out_dir / "ablation.md", out_dir / "ablation.png")

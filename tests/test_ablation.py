@@ -523,3 +523,37 @@ def test_real_pairs_csv_and_trees_from_the_shared_data(tmp_path):
     assert s["probe_trees"]["bacteria_virus"] == {"train": {"BACTERIA": 2530, "VIRUS": 1345},
                                                   "test": {"BACTERIA": 242, "VIRUS": 148}}
     assert s["probe_trees"]["pneumonia"]["test"] == {"NORMAL": 234, "PNEUMONIA": 390}
+
+
+def test_per_seed_table_shows_a_seed_that_loses_and_the_se_over_seeds():
+    """Two pretraining seeds: MLIP wins seed 0 by 0.02 at every subsample and loses seed 1 by 0.01 at
+    every subsample. The pooled Δ (8 pairs) is +0.005 with a small SE; per seed each Δ is beyond 2 SE
+    (SE 0: the differences are constant), one up and one down; over seeds the mean is +0.005 with
+    SE = std(0.02, -0.01) / sqrt(2) = 0.015, not significant."""
+    def run(seed, low):
+        return _task_run(seed, {"pneumonia": (low, 0.9)})
+    clip0, clip1 = [0.70, 0.80, 0.60, 0.764], [0.72, 0.82, 0.63, 0.79]
+    res = {"settings": {"steps": 10, "seeds": [0, 1], "probe_seeds": [0, 1, 2, 3]}, "fractions": ["0.01"],
+           "tasks": {"pneumonia": {"train": "a", "test": "b"}},
+           "variants": {"clip": {"terms": ["global"], "false_negatives": "off", "runs": [run(0, clip0), run(1, clip1)]},
+                        "mlip": {"terms": list(TERMS), "false_negatives": "drop",
+                                 "runs": [run(0, [x + 0.02 for x in clip0]), run(1, [x - 0.01 for x in clip1])]}},
+           "random_init": None}
+    ts = ab.summarize(res)["variants"]["mlip"]["summary"]["tasks"]["pneumonia"]
+    assert ts["delta_vs_clip"]["0.01"]["mean"] == pytest.approx(0.005) and ts["delta_vs_clip"]["0.01"]["n"] == 8
+    s0, s1 = ts["per_seed"]["0.01"]
+    assert (s0["seed"], s1["seed"]) == (0, 1)
+    assert s0["mean"] == pytest.approx(0.02) and s0["clip_auc"] == pytest.approx(0.716)
+    assert s0["auc"] == pytest.approx(0.736) and s0["se"] == pytest.approx(0.0, abs=1e-9)
+    assert s1["mean"] == pytest.approx(-0.01)
+    over = ts["over_seeds"]["0.01"]
+    assert over["n"] == 2 and over["mean"] == pytest.approx(0.005)
+    assert over["se"] == pytest.approx((0.015 ** 2 * 2) ** 0.5 / 2 ** 0.5) and over["beyond_2se"] is False
+    assert "per_seed" not in res["variants"]["clip"]["summary"]["tasks"]["pneumonia"]
+    md = ab.format_task_tables(res)
+    rows = [x for x in md.splitlines() if x.startswith("| **mlip** |")]
+    assert "| **mlip** | 0 | 0.716 | 0.736 | +0.020 ± 0.000 **✓** |" in rows
+    assert "| **mlip** | 1 | 0.740 | 0.730 | -0.010 ± 0.000 ✗ |" in rows
+    assert "| **mlip** | mean of 2 (± SE over seeds) | 0.728 | 0.733 | +0.005 ± 0.015 |" in rows
+    res["settings"]["seeds"] = [0]   # one seed: no per-seed table
+    assert ab.format_seed_table(res, "pneumonia") == ""
