@@ -34,7 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from mlip_ds import checkpoint, recipe  # noqa: E402
 from mlip_ds.config import TrainConfig, build_parser, config_from_args, range_errors  # noqa: E402
 from mlip_ds.data.pipeline import (LoaderSpec, ShardPathError, StallGuard, expand_shards,  # noqa: E402
-                                   make_train_loader)
+                                   fork_hang_warning, make_train_loader)
 from mlip_ds.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: E402
 from mlip_ds.distributed import LaunchError, init_distributed, launch_world_size  # noqa: E402
 from mlip_ds.ds_config import (DSConfigError, check_batch, load_ds_config, one_device_route,  # noqa: E402
@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, ds_config_path: str, stop: "StopRequest | None" = No
         log.warning("one rank with ZeRO-%d: nothing to shard, and DeepSpeed's per-parameter bookkeeping "
                     "doubles the host work per step; --deepspeed_config ds_configs/one_gpu.json takes the "
                     "one-device route (docs/benchmarks.md, section 7)", ds_stage)
+    if rank == 0 and (hang := fork_hang_warning(cfg.data.workers, world)):
+        log.warning("%s", hang)
     grad_clip = take_gradient_clipping(ds_config) if one_device else 0.0
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=groups)
     clip_grads = one_device_step(engine, grad_clip) if one_device else None

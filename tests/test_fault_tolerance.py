@@ -233,3 +233,13 @@ def test_a_loader_that_keeps_stalling_stops_the_run_with_a_clear_error(synthetic
              env=train_env(MLIP_FAULT_INJECT="stall_worker:0:"))
     assert r.returncode != 0
     assert "the data loader stalled 4 times at step 0" in r.stdout + r.stderr
+
+
+def test_the_fork_hang_warning_names_affected_pythons_only():
+    from mlip_ds.data.pipeline import fork_hang_warning
+    msg = fork_hang_warning(workers=1, world=2, version=(3, 11, 7))
+    assert "3.11.7" in msg and "gh-112275" in msg and "3.11.8" in msg
+    assert fork_hang_warning(1, 2, (3, 11, 0))
+    for workers, world, version in [(1, 2, (3, 11, 8)), (1, 2, (3, 12, 1)), (1, 2, (3, 10, 14)),
+                                    (0, 2, (3, 11, 7)), (1, 1, (3, 11, 7))]:
+        assert fork_hang_warning(workers, world, version) == "", (workers, world, version)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -166,6 +167,16 @@ def _injected_stall(epoch: int, rank: int) -> None:
             except FileExistsError:
                 return
         time.sleep(3600)
+
+
+def fork_hang_warning(workers: int, world: int, version: tuple = tuple(sys.version_info[:3])) -> str:
+    """The start-up warning for a Python whose forked loader workers can hang (gh-112275, fixed in
+    3.11.8), or "" when this run is safe: no workers, one rank (no gloo threads), or a fixed Python."""
+    if workers <= 0 or world <= 1 or not ((3, 11, 0) <= tuple(version) < (3, 11, 8)):
+        return ""
+    return (f"Python {'.'.join(map(str, version))} can hang a data-loader worker at its fork (CPython "
+            "gh-112275, fixed in 3.11.8); the trainer rebuilds a loader that gives no batch within "
+            "--loader-timeout seconds, which costs that long per hang: use Python >= 3.11.8")
 
 
 class StallGuard:
