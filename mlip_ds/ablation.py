@@ -861,6 +861,13 @@ def format_seed_table(result: dict, task: str, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _captioned_seed_table(result: dict, task: str, digits: int = 3) -> str:
+    """The per-seed table under its caption, or "" when there is none (both output modes)."""
+    table = format_seed_table(result, task, digits)
+    return ("\nPer pretraining seed (Δ ± SE over that seed's label subsamples; ✓/✗: beyond 2 SE above/below "
+            "CLIP; last row: the mean of the per-seed Δ ± SE over pretraining seeds):\n\n" + table) if table else ""
+
+
 def format_task_tables(result: dict, digits: int = 3) -> str:
     st = result.get("settings", {})
     n_seeds = len(st.get("seeds", [])) or "?"
@@ -869,10 +876,7 @@ def format_task_tables(result: dict, digits: int = 3) -> str:
     for task, info in (result.get("tasks") or {}).items():
         parts += [f"\n## Probe task `{task}`\n\n", f"Train `{info.get('train')}`, test `{info.get('test')}`.\n\n",
                   format_task_table(result, task, digits)]
-        seed_table = format_seed_table(result, task, digits)
-        if seed_table:
-            parts += ["\nPer pretraining seed (Δ ± SE over that seed's label subsamples; ✓/✗: beyond 2 SE above/below "
-                      "CLIP; last row: the mean of the per-seed Δ ± SE over pretraining seeds):\n\n", seed_table]
+        parts.append(_captioned_seed_table(result, task, digits))
     parts.append(
         f"\nAUC: linear-probe ROC AUC (mean over the task's labels), mean ± std over {n_seeds} pretraining seed(s) "
         f"x {n_probe} label-subsample seed(s). Δ vs CLIP: mean of the paired differences (same pretraining "
@@ -973,9 +977,7 @@ def write_outputs(result: dict, out: str) -> tuple[Path, Path, Path]:
     if task_mode(result):
         body = format_task_tables(result)
     else:
-        seed_table = format_seed_table(result, LEGACY_TASK)
-        body = format_table(result) + (f"\nPer pretraining seed (Δ ± SE over that seed's label subsamples; last row: "
-                                       f"± SE over pretraining seeds):\n\n{seed_table}" if seed_table else "")
+        body = format_table(result) + _captioned_seed_table(result, LEGACY_TASK)
     md = "\n".join(head) + body
     if result.get("commands"):
         md += "\nTrainer commands:\n\n```\n" + "\n".join(result["commands"].values()) + "\n```\n"

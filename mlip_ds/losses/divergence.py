@@ -58,4 +58,3 @@ def divergence_loss(image_features: torch.Tensor, text_features: torch.Tensor,
         loss = loss + image_image_weight * pair_info_nce(image_features, image_div, all_image, all_image_div,
                                                          image_image_scale, offset)
     return loss
-
